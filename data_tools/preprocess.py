@@ -1,0 +1,276 @@
+"""Tokenise JSONL/Parquet documents into a megatron-core indexed dataset (`.bin/.idx`).
+
+Documents flow in bounded batches: the main process reads raw lines, worker processes parse
+JSON and tokenise (`encode_batch`), the main process appends each document (plus EOD) with
+megatron-core's `IndexedDatasetBuilder`. Everything is written under a temporary prefix and
+renamed only when complete; the stats sidecar is renamed last.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from data_tools.errors import DataToolsError
+from data_tools.parallel import ordered_map
+from data_tools.readers import SKIP_KINDS, BadRecord, count_records, iter_records, parse_record, resolve_inputs
+from data_tools.stats import STATS_FORMAT, stats_path, write_json_atomic
+from data_tools.tokenizers import load_tokenizer, tokenizer_identity
+
+BATCH_DOCS = 1024
+BATCH_BYTES = 4 << 20
+MAX_REPORTED_BAD = 20
+
+
+def megatron_indexed():
+    """megatron-core's indexed_dataset module, imported without its TE/apex fallback warnings."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def token_dtype(vocab_size: int):
+    """uint16 when every id fits (megatron-core's rule: vocab < 65500), else int32."""
+    return megatron_indexed().DType.optimal_dtype(vocab_size)
+
+
+# ---------------------------------------------------------------- worker side
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_path: str, eod_token: Optional[str], text_field: str, dtype_name: str) -> None:
+    _WORKER["tok"] = load_tokenizer(tokenizer_path, eod_token)
+    _WORKER["text_field"] = text_field
+    _WORKER["dtype"] = np.dtype(dtype_name)
+
+
+def _encode_batch(raws: list) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, str, str]]]:
+    """Parse and tokenise one batch: (flat tokens with EOD after each doc, lengths, bad records)."""
+    tok, text_field = _WORKER["tok"], _WORKER["text_field"]
+    texts, bad = [], []
+    for pos, raw in enumerate(raws):
+        parsed = parse_record(raw, text_field)
+        if isinstance(parsed, BadRecord):
+            bad.append((pos, parsed.kind, parsed.detail))
+        else:
+            texts.append(parsed[1])
+    ids = tok.encode_batch(texts) if texts else []
+    eod = tok.eod_id
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    for x in ids:
+        x.append(eod)
+    total = int(lengths.sum())
+    flat = np.fromiter((t for x in ids for t in x), dtype=_WORKER["dtype"], count=total)
+    return flat, lengths, bad
+
+
+# ---------------------------------------------------------------- main side
+@dataclass
+class InputStats:
+    path: str
+    lines: int = 0
+    documents: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "lines": self.lines, "documents": self.documents, "skipped": self.skipped}
+
+
+@dataclass
+class ShardResult:
+    """What one tokenisation pass (a whole run, one MPI rank or one shard) produced."""
+
+    documents: int = 0
+    tokens: int = 0
+    inputs: List[InputStats] = field(default_factory=list)
+    skipped: Dict[str, int] = field(default_factory=lambda: {k: 0 for k in SKIP_KINDS})
+    error: Optional[str] = None
+
+
+def global_ranges(counts: Sequence[int], start: int, stop: int) -> List[Tuple[int, int, int]]:
+    """(file index, local start, local stop) covering global record indices [start, stop)."""
+    out, offset = [], 0
+    for i, n in enumerate(counts):
+        lo, hi = max(start - offset, 0), min(stop - offset, n)
+        if lo < hi:
+            out.append((i, lo, hi))
+        offset += n
+    return out
+
+
+def _batches(
+    files: Sequence[str], text_field: str, ranges: Optional[List[Tuple[int, int, int]]]
+) -> Iterator[Tuple[List[Tuple[int, int]], list]]:
+    """Yield (meta, raws) where meta[k] = (file index, line number) of raws[k]."""
+    if ranges is None:
+        ranges = [(i, 0, None) for i in range(len(files))]
+    meta, raws, size = [], [], 0
+    for file_index, lo, hi in ranges:
+        for line_no, raw in iter_records(files[file_index], lo, hi, columns=[text_field]):
+            meta.append((file_index, line_no))
+            raws.append(raw)
+            size += len(raw) if isinstance(raw, bytes) else 256
+            if len(raws) >= BATCH_DOCS or size >= BATCH_BYTES:
+                yield meta, raws
+                meta, raws, size = [], [], 0
+    if raws:
+        yield meta, raws
+
+
+def tokenize_to_prefix(
+    files: Sequence[str],
+    out_prefix: str,
+    tokenizer_path: str,
+    *,
+    eod_token: Optional[str],
+    text_field: str,
+    dtype,
+    workers: int = 1,
+    on_error: str = "fail",
+    ranges: Optional[List[Tuple[int, int, int]]] = None,
+    line_counts: Optional[Sequence[int]] = None,
+    use_spawn: bool = False,
+    progress: bool = True,
+    progress_desc: str = "preprocess",
+    progress_position: int = 0,
+) -> ShardResult:
+    """Tokenise the selected records into out_prefix.bin/.idx (no sidecar, no renaming).
+
+    On a bad record with on_error='fail' returns a result whose `error` names file:line; the
+    caller removes the partial files.
+    """
+    from tqdm import tqdm
+
+    IndexedDatasetBuilder = megatron_indexed().IndexedDatasetBuilder
+
+    result = ShardResult(inputs=[InputStats(path=p) for p in files])
+    builder = IndexedDatasetBuilder(out_prefix + ".bin", dtype=dtype)
+    reported = 0
+    bar = tqdm(
+        desc=progress_desc, unit=" docs", disable=not progress, position=progress_position,
+        dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
+    )
+    started = time.perf_counter()
+    last_line = {}
+    init_args = (tokenizer_path, eod_token, text_field, np.dtype(dtype).name)
+    encoded = ordered_map(_encode_batch, _batches(files, text_field, ranges), workers, _init_worker, init_args, use_spawn)
+    try:
+        for meta, (flat, lengths, bad) in encoded:
+            bad_pos = {pos: (kind, detail) for pos, kind, detail in bad}
+            for pos, (file_index, line_no) in enumerate(meta):
+                if pos in bad_pos:
+                    kind, detail = bad_pos[pos]
+                    message = f"{files[file_index]}:{line_no}: {detail}"
+                    if on_error == "fail":
+                        result.error = message
+                        return result
+                    result.skipped[kind] += 1
+                    result.inputs[file_index].skipped += 1
+                    if reported < MAX_REPORTED_BAD:
+                        bar.write(f"skipped {message}", file=sys.stderr)
+                    reported += 1
+                else:
+                    result.inputs[file_index].documents += 1
+                last_line[file_index] = line_no
+            ends = np.cumsum(lengths)
+            begin = 0
+            for end in ends.tolist():
+                builder.add_document(flat[begin:end], [end - begin])
+                begin = end
+            result.documents += len(lengths)
+            result.tokens += int(flat.size)
+            bar.update(len(meta))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{result.tokens / elapsed / 1e6:.2f}M tok/s", refresh=False)
+        builder.finalize(out_prefix + ".idx")
+    finally:
+        encoded.close()  # stops the worker pool at once on an early return
+        bar.close()
+        if not builder.data_file.closed:
+            builder.data_file.close()
+    if reported > MAX_REPORTED_BAD:
+        print(f"... {reported - MAX_REPORTED_BAD} more skipped records not shown", file=sys.stderr)
+    # Lines per input: exact when the caller counted them, else the last line seen.
+    for i, stats in enumerate(result.inputs):
+        if ranges is not None and line_counts is not None:
+            stats.lines = sum(hi - lo for fi, lo, hi in ranges if fi == i)
+        else:
+            stats.lines = last_line.get(i, 0)
+    return result
+
+
+def remove_prefix_files(prefix: str) -> None:
+    for suffix in (".bin", ".idx", ".stats.json"):
+        try:
+            os.remove(prefix + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def temp_prefix(prefix: str, tag: str = "") -> str:
+    directory, base = os.path.split(os.path.abspath(prefix))
+    return os.path.join(directory, f".{base}.partial{tag}-{os.getpid()}")
+
+
+def build_stats(prefix: str, result: ShardResult, tok, dtype, text_field: str) -> dict:
+    return {
+        "format": STATS_FORMAT,
+        "prefix": os.path.basename(prefix),
+        "documents": result.documents,
+        "tokens": result.tokens,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": tokenizer_identity(tok),
+        "inputs": [s.as_dict() for s in result.inputs],
+        "skipped": dict(result.skipped),
+        "text_field": text_field,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def publish(tmp: str, prefix: str, stats: dict) -> None:
+    """Rename a finished temp prefix into place; the sidecar goes last and marks completion."""
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+    write_json_atomic(stats_path(prefix), stats)
+
+
+def preprocess(
+    inputs: Sequence[str],
+    output_prefix: str,
+    tokenizer_path: str,
+    *,
+    text_field: str = "text",
+    eod_token: Optional[str] = None,
+    workers: int = 1,
+    on_error: str = "fail",
+    progress: bool = True,
+) -> dict:
+    """Single-process (optionally multi-worker) preprocessing; returns the stats sidecar."""
+    if on_error not in ("fail", "skip"):
+        raise DataToolsError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
+    files = resolve_inputs(inputs)
+    tok = load_tokenizer(tokenizer_path, eod_token)
+    dtype = token_dtype(tok.vocab_size)
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    remove_prefix_files(output_prefix)  # a stale dataset must not survive a failed rerun
+    tmp = temp_prefix(output_prefix)
+    try:
+        result = tokenize_to_prefix(
+            files, tmp, tok.path, eod_token=eod_token, text_field=text_field, dtype=dtype,
+            workers=workers, on_error=on_error, progress=progress,
+        )
+        if result.error:
+            raise DataToolsError(result.error)
+        stats = build_stats(output_prefix, result, tok, dtype, text_field)
+        publish(tmp, output_prefix, stats)
+    finally:
+        remove_prefix_files(tmp)
+    return stats
