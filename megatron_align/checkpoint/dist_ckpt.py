@@ -1,0 +1,281 @@
+"""megatron-core dist_checkpointing (torch_dist) save/load with an atomic ``latest``.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    iter_0000100/          a complete checkpoint (dist_checkpointing files + meta.json)
+    .iter_0000200.partial  a save in progress (never read; removed by the next save)
+    latest                 text file naming the newest complete checkpoint
+
+A save writes into the ``.partial`` directory, fsyncs it, renames it into place and only then
+replaces ``latest`` (write-temp, fsync, rename): a process killed at any point leaves the
+previous checkpoint as ``latest``, loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+META_FILE = "meta.json"
+LATEST_FILE = "latest"
+FORMAT = "megatron-align/checkpoint/v1"
+DIST_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class CheckpointMeta:
+    iteration: int
+    consumed_samples: int
+    consumed_tokens: int
+    tokens_by_category: dict[str, int] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=dict)  # TP/PP/VPP/DP/world at save time
+    config: dict[str, Any] = field(default_factory=dict)  # resolved run config
+    mixture_hash: Optional[str] = None
+    has_optimizer: bool = True
+    format: str = FORMAT
+    saved_at: float = 0.0
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint named by ``latest``, or None when there is none."""
+    checkpoints_dir = Path(checkpoints_dir)
+    pointer = checkpoints_dir / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = checkpoints_dir / name
+    if not (path / META_FILE).is_file():
+        raise CheckpointError(f"{pointer} names {name}, which is missing or incomplete "
+                              f"(no {META_FILE}); remove {pointer} to start over")
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint dir, a run dir or a checkpoints dir; return the checkpoint dir."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / LATEST_FILE).is_file():
+            return latest_checkpoint(candidate)
+    raise CheckpointError(f"{path}: not a checkpoint (no {META_FILE}) and no checkpoints/latest")
+
+
+def read_meta(checkpoint_dir: str | Path) -> CheckpointMeta:
+    path = Path(checkpoint_dir) / META_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {checkpoint_dir} is not a complete checkpoint") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt ({err})") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {raw.get('format')!r}")
+    return CheckpointMeta(**raw)
+
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    """All chunks under one 'model.' prefix: dist_checkpointing keys are global layer names, so a
+    checkpoint saved with one TP/PP/VPP layout loads under another."""
+    chunks = [_unwrap(chunk) for chunk in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict(prefix="model.")}
+    return {"model": {f"chunk{i}": c.sharded_state_dict(prefix="model.") for i, c in enumerate(chunks)}}
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _rng_sharded_object(rank_state: Optional[dict] = None) -> ShardedObject:
+    world = torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    state = rank_state if rank_state is not None else _rng_state()
+    return ShardedObject(f"rng_state_world{world}", state, (world,), (rank,), replica_id=0)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chunks,
+                    optimizer=None, scheduler=None, keep_last: int = 2, keep_every: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    checkpoints_dir = Path(checkpoints_dir)
+    name = checkpoint_name(meta.iteration)
+    final = checkpoints_dir / name
+    partial = checkpoints_dir / f".{name}.partial"
+    if _is_rank0():
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints_dir.glob(".iter_*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir()
+    torch.distributed.barrier()
+
+    state = model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=DIST_OPTIM_METADATA)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state["rng"] = _rng_sharded_object()
+    meta.has_optimizer = optimizer is not None
+    meta.saved_at = time.time()
+    dist_checkpointing.save(state, str(partial), content_metadata=DIST_OPTIM_METADATA)
+    torch.distributed.barrier()
+    if _is_rank0():
+        (partial / META_FILE).write_text(json.dumps(meta.__dict__, indent=2, default=str))
+        _fsync_tree(partial)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(checkpoints_dir)
+        _write_atomic(checkpoints_dir / LATEST_FILE, name + "\n")
+        apply_retention(checkpoints_dir, keep_last, keep_every)
+    torch.distributed.barrier()
+    return final
+
+
+def apply_retention(checkpoints_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Keep the newest ``keep_last`` checkpoints plus every ``keep_every``-th step."""
+    complete = sorted(p for p in checkpoints_dir.glob("iter_*") if (p / META_FILE).is_file())
+    newest = set(complete[-keep_last:]) if keep_last > 0 else set(complete)
+    removed = []
+    for path in complete:
+        iteration = int(path.name.split("_")[1])
+        if path in newest or (keep_every and iteration % keep_every == 0):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def load_checkpoint(checkpoint_dir: str | Path, model_chunks, optimizer=None, scheduler=None,
+                    restore_rng: bool = True) -> CheckpointMeta:
+    """Collective. Loads model (any saved TP/PP layout), and optimizer/scheduler/RNG when given.
+
+    Optimizer state reshards across DP; across TP/PP changes megatron-core's optimizer state
+    mapping also follows the global parameter keys. RNG states are restored only when the
+    world layout is unchanged.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = read_meta(checkpoint_dir)
+    state = model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        if not meta.has_optimizer:
+            raise CheckpointError(f"{checkpoint_dir}: saved without optimizer state; "
+                                  "load weights only (checkpoint.init_load_optimizer=false)")
+        _init_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=DIST_OPTIM_METADATA)
+    same_world = meta.layout.get("world_size") == torch.distributed.get_world_size()
+    if restore_rng and same_world:
+        state["rng"] = _rng_sharded_object()
+    try:
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(state, str(checkpoint_dir))
+    except Exception as err:  # corrupt/missing shard files
+        raise CheckpointError(f"{checkpoint_dir}: cannot load ({type(err).__name__}: {err})") from err
+    chunks = [_unwrap(c) for c in model_chunks]
+    model_state = loaded["model"]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(model_state, strict=False)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(model_state[f"chunk{i}"], strict=False)
+    if optimizer is not None:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in loaded:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if "rng" in loaded:
+        _restore_rng(loaded["rng"])
+    return meta
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """torch's Adam creates its state lazily; megatron-core's loader needs it to exist."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(inner, "init_state_fn", None)
+        torch_opt = getattr(inner, "optimizer", None)
+        if init is None or torch_opt is None:
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                if len(torch_opt.state[param]) == 0:
+                    init(torch_opt, getattr(inner, "config", None)) if _takes_two(init) else init(torch_opt)
+                    break
+
+
+def _takes_two(fn) -> bool:
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        return False

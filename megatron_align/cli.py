@@ -1,0 +1,71 @@
+"""megatron-align command line: thin argument parsing over the library."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Areas that register their own subcommands: module path -> add_subcommands(subparsers).
+SUBCOMMAND_MODULES = (
+    "megatron_align.mixture.commands",
+    "megatron_align.convert.commands",
+    "megatron_align.evals.commands",
+    "megatron_align.study.commands",
+)
+
+
+def _train(args) -> int:
+    from megatron_align.config import ConfigError, load_run_config
+    from megatron_align.training.launch import launch_local, run_training
+    from megatron_align.training.layout import check_run_config
+
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides, args.config = [args.config, *args.overrides], None  # overrides only
+    try:
+        config = load_run_config(args.config, args.overrides)
+        if args.nproc and "RANK" not in os.environ:
+            argv = ["train"] + ([args.config] if args.config else []) + list(args.overrides)
+            return launch_local(config, args.nproc, argv)
+        check_run_config(config, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from megatron_align.training.trainer import TrainingStopped
+
+    try:
+        run_training(config)
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-align", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (under torchrun, or --nproc N to launch locally)")
+    train.add_argument("config", nargs="?", help="run config YAML (defaults when omitted)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor=2")
+    train.add_argument("--nproc", type=int, default=0,
+                       help="start torchrun with N local processes for you")
+    train.set_defaults(func=_train)
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        module.add_subcommands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

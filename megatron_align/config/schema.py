@@ -1,0 +1,108 @@
+"""Typed run configuration: every key a run accepts, with its default."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "gpt-neox"  # gpt-neox | llama
+    size: str = "tiny"  # see megatron_align.model.presets.SIZES
+    # Optional overrides of the preset's dimensions.
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    tie_embeddings: Optional[bool] = None
+    vocab_size: Optional[int] = None  # unpadded; defaults to the tokenizer's (or 50277)
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    dropout: float = 0.0
+    transformer_impl: str = "auto"  # auto (TE when importable) | local | transformer_engine
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    seq_length: int = 128
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    recompute: str = "none"  # none | full | selective
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: no validation
+    eval_iters: int = 2
+    exit_duration_minutes: Optional[float] = None
+    max_skipped_steps: int = 10  # NaN/Inf steps skipped before the run stops
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3.0e-4
+    min_lr: float = 1.2e-5
+    warmup_fraction: float = 0.01
+    warmup_iters: Optional[int] = None  # overrides warmup_fraction
+    decay_style: str = "cosine"  # cosine | linear | constant | WSD
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | indexed | mixture
+    prefix: Optional[str] = None  # indexed: one megatron .bin/.idx prefix
+    mixture: Optional[str] = None  # mixture: a mixture YAML
+    stage: str = "pretrain"  # mixture stage
+    tokenizer: Optional[str] = None  # tokenizer.json or sentencepiece .model (recorded for export)
+    cache_dir: Optional[str] = None  # dataset index cache; default RUN_DIR/data_cache
+    valid_samples_per_category: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0  # steps; 0: only at the end
+    save_interval_minutes: Optional[float] = None
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every K-th step forever; 0: off
+    save_at_end: bool = True
+    init_from: Optional[str] = None  # checkpoint dir to start a new run/stage from
+    init_load_optimizer: bool = False
+    init_reset_iteration: bool = True
+    async_save: bool = False  # GPU only
+    export_hf_every_save: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    wandb_name: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

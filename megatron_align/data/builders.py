@@ -1,0 +1,153 @@
+"""The training data a run reads: a synthetic stream, one indexed dataset, or a mixture.
+
+Every source is exposed the same way (:class:`TrainingData`): a map-style dataset whose sample
+``i`` is a pure function of (config, seed, i) — so resuming at ``consumed_samples`` reads exactly
+what an uninterrupted run would — plus the category of every sample.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from megatron_align.config import ConfigError, RunConfig
+
+SYNTHETIC_VOCAB_SIZE = 512
+
+
+@dataclass
+class DatasetTokenizer:
+    """The two facts megatron-core's GPTDataset needs from a tokenizer."""
+
+    vocab_size: int
+    eod: int
+
+
+@dataclass
+class TrainingData:
+    train: torch.utils.data.Dataset
+    vocab_size: int
+    categories: list[str]
+    category_of_samples: Callable[[int, int], np.ndarray]  # [start, stop) -> category ids
+    valid: dict[str, torch.utils.data.Dataset] = field(default_factory=dict)
+    mixture_hash: Optional[str] = None
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Learnable token sequences: each sample is an arithmetic progression mod ``vocab_size``
+    with a seeded start and stride, so loss falls visibly within a few dozen steps."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
+        self.num_samples, self.seq_length, self.vocab_size, self.seed = (
+            num_samples, seq_length, vocab_size, seed)
+        self.position_ids = torch.arange(seq_length, dtype=torch.long)
+        self.loss_mask = torch.ones(seq_length, dtype=torch.float)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        start, stride = rng.integers(0, self.vocab_size), rng.integers(1, 8)
+        text = torch.from_numpy((start + stride * np.arange(self.seq_length + 1)) % self.vocab_size)
+        return {"tokens": text[:-1].long(), "labels": text[1:].long(),
+                "loss_mask": self.loss_mask, "position_ids": self.position_ids}
+
+
+def build_training_data(config: RunConfig, num_train_samples: int, vocab_size: Optional[int]) -> TrainingData:
+    source = config.data.source
+    if source == "synthetic":
+        vocab = vocab_size or SYNTHETIC_VOCAB_SIZE
+        dataset = SyntheticDataset(num_train_samples, config.train.seq_length, vocab, config.train.seed)
+        return TrainingData(dataset, vocab, ["synthetic"], _single_category)
+    if source == "indexed":
+        return _indexed(config, num_train_samples, vocab_size)
+    if source == "mixture":
+        return _mixture(config)
+    raise ConfigError(f"data.source: {source!r} is not one of synthetic|indexed|mixture")
+
+
+def _single_category(start: int, stop: int) -> np.ndarray:
+    return np.zeros(stop - start, dtype=np.int16)
+
+
+def read_stats_sidecar(prefix: str) -> dict:
+    path = Path(prefix + ".stats.json")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON ({err})") from None
+
+
+def _indexed(config: RunConfig, num_train_samples: int, vocab_size: Optional[int]) -> TrainingData:
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefix = config.data.prefix
+    if not prefix:
+        raise ConfigError("data.source=indexed needs data.prefix (a .bin/.idx prefix)")
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).is_file():
+            raise ConfigError(f"data.prefix: {prefix + suffix} does not exist")
+    stats = read_stats_sidecar(prefix)
+    tokenizer_stats = stats.get("tokenizer", {})
+    vocab = vocab_size or tokenizer_stats.get("vocab_size")
+    if vocab is None:
+        raise ConfigError(f"data.prefix: {prefix}.stats.json has no tokenizer.vocab_size; "
+                          "set model.vocab_size")
+    eod = tokenizer_stats.get("eod_id", 0)
+    dataset_config = GPTDatasetConfig(
+        random_seed=config.train.seed,
+        sequence_length=config.train.seq_length,
+        blend=([prefix], None),
+        split="100,0,0",
+        tokenizer=DatasetTokenizer(vocab_size=vocab, eod=eod),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+        path_to_cache=_cache_dir(config),
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_train_samples, 0, 0], lambda: True, dataset_config
+    ).build()
+    return TrainingData(train, vocab, ["base"], _single_category)
+
+
+def _cache_dir(config: RunConfig) -> Optional[str]:
+    # megatron-core 0.16.1 needs a process group when caching blended indices.
+    if not torch.distributed.is_initialized():
+        return None
+    return config.data.cache_dir or str(Path(config.run_dir) / "data_cache")
+
+
+def _mixture(config: RunConfig) -> TrainingData:
+    from megatron_align.data.mixture_dataset import build_mixture_datasets
+
+    if not config.data.mixture:
+        raise ConfigError("data.source=mixture needs data.mixture (a mixture YAML)")
+    datasets = build_mixture_datasets(
+        config.data.mixture,
+        config.data.stage,
+        seq_length=config.train.seq_length,
+        global_batch_size=config.train.global_batch_size,
+        train_iters=config.train.iterations,
+        seed=config.train.seed,
+        cache_dir=_cache_dir(config),
+        valid_samples_per_category=config.data.valid_samples_per_category,
+    )
+    return TrainingData(
+        train=datasets.train,
+        vocab_size=datasets.plan.vocab_size,
+        categories=list(datasets.categories),
+        category_of_samples=datasets.category_of_samples,
+        valid=dict(datasets.valid),
+        mixture_hash=datasets.plan.hash,
+    )

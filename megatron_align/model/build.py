@@ -1,0 +1,135 @@
+"""Preset + run config -> megatron-core TransformerConfig, layer spec and GPTModel chunks."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_align.config import ConfigError, RunConfig
+
+from .parallel_residual import ParallelResidualTransformerLayer
+from .presets import Architecture, padded_vocab_size, resolve_architecture
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def use_transformer_engine(config: RunConfig) -> bool:
+    impl = config.model.transformer_impl
+    if impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise ConfigError("model.transformer_impl=transformer_engine but TransformerEngine "
+                              "(with CUDA) is not available; use auto or local")
+        return True
+    if impl == "local":
+        return False
+    if impl != "auto":
+        raise ConfigError(f"model.transformer_impl: {impl!r} is not one of auto|local|transformer_engine")
+    return transformer_engine_available()
+
+
+def params_dtype(config: RunConfig) -> torch.dtype:
+    precision = config.train.precision
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision: {precision!r} is not one of auto|fp32|bf16")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def layer_spec(arch: Architecture, use_te: bool) -> ModuleSpec:
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization=arch.normalization)
+    if arch.parallel_residual:
+        spec = dataclasses.replace(spec, module=ParallelResidualTransformerLayer)
+    return spec
+
+
+def transformer_config(config: RunConfig, arch: Architecture | None = None) -> TransformerConfig:
+    arch = arch or resolve_architecture(config.model)
+    dtype = params_dtype(config)
+    on_gpu = torch.cuda.is_available()
+    recompute = config.train.recompute
+    if recompute not in ("none", "full", "selective"):
+        raise ConfigError(f"train.recompute: {recompute!r} is not one of none|full|selective")
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        kv_channels=arch.hidden_size // arch.num_attention_heads,
+        normalization=arch.normalization,
+        layernorm_epsilon=arch.layernorm_epsilon,
+        add_bias_linear=arch.add_bias_linear,
+        gated_linear_unit=arch.activation == "swiglu",
+        activation_func=F.silu if arch.activation == "swiglu" else F.gelu,
+        hidden_dropout=config.model.dropout,
+        attention_dropout=config.model.dropout,
+        init_method_std=config.model.init_method_std,
+        tensor_model_parallel_size=config.parallel.tensor,
+        pipeline_model_parallel_size=config.parallel.pipeline,
+        virtual_pipeline_model_parallel_size=config.parallel.virtual_pipeline,
+        sequence_parallel=config.parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Identical initialisation at any TP size; on CPU, also avoids CUDA-only init paths.
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # Fused kernels exist only with CUDA (and megatron's fused GeLU is the tanh form, not
+        # the exact GeLU GPT-NeoX uses).
+        bias_activation_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        calculate_per_token_loss=True,
+    )
+    if recompute != "none":
+        kwargs["recompute_granularity"] = recompute
+        if recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kwargs)
+
+
+def build_model_chunks(config: RunConfig, tf_config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (just one without VPP)."""
+    arch = resolve_architecture(config.model)
+    spec = layer_spec(arch, use_transformer_engine(config))
+    padded = padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
+                               config.parallel.tensor)
+    vpp = config.parallel.virtual_pipeline
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = GPTModel(
+            config=tf_config,
+            transformer_layer_spec=spec,
+            vocab_size=padded,
+            max_sequence_length=max(config.train.seq_length, arch.max_position_embeddings),
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=arch.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=arch.rotary_percent,
+            rotary_base=int(arch.rotary_base),
+            vp_stage=stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks

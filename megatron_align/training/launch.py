@@ -1,0 +1,37 @@
+"""Entry points for a training run: in-process (under torchrun) or a local torchrun launcher."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+from megatron_align.config import RunConfig
+
+from .layout import check_run_config
+
+
+def run_training(config: RunConfig):
+    """Train in this process (one rank of a torchrun job, or a world of one)."""
+    from .trainer import Trainer, shutdown_distributed
+
+    try:
+        trainer = Trainer(config)
+        return trainer.train()
+    finally:
+        shutdown_distributed()
+
+
+def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "megatron_align.cli", *argv]
+
+
+def launch_local(config: RunConfig, nproc: int, argv: Sequence[str],
+                 env: Optional[dict] = None) -> int:
+    """Start torchrun with ``nproc`` ranks on this machine; the config is checked first so a bad
+    combination fails here, before any process group starts."""
+    check_run_config(config, nproc)
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(torchrun_command(nproc, argv), env=child_env)

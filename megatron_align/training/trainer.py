@@ -1,0 +1,454 @@
+"""The training loop: megatron-core model chunks, DDP, optimizer and schedules, glued together.
+
+Run under torchrun (one process per rank). ``Trainer.__init__`` builds the components in the
+order data flows: process groups -> data -> model -> optimizer/scheduler -> restored state ->
+metrics. ``Trainer.train()`` runs the loop; every rank returns the same final state.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_align import platform
+from megatron_align.checkpoint.dist_ckpt import (
+    CheckpointMeta,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from megatron_align.config import RunConfig, dump_yaml, to_dict
+from megatron_align.data.builders import TrainingData, build_training_data
+from megatron_align.model.build import build_model_chunks, params_dtype, transformer_config
+from megatron_align.model.presets import resolve_architecture
+
+from .batches import microbatch_iterators, step_microbatches
+from .layout import ParallelLayout, check_run_config
+from .metrics import MetricsWriter, flops_per_token, peak_tflops
+
+log = logging.getLogger("megatron_align.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); a checkpoint was saved."""
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    tokens_by_category: dict[str, int] = field(default_factory=dict)
+    skipped_steps: int = 0
+
+
+def init_distributed(config: RunConfig) -> ParallelLayout:
+    """Process group (NCCL on GPU, gloo on CPU) and megatron-core's parallel state."""
+    if "RANK" not in os.environ:  # a plain `python` process: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    world_size = int(os.environ["WORLD_SIZE"])
+    layout = check_run_config(config, world_size)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        platform.activate_cpu_runtime()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=platform.distributed_backend())
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
+    torch.manual_seed(config.train.seed)  # identical CPU-side init on every rank
+    return layout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shutdown_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    config: RunConfig
+    layout: ParallelLayout
+    data: TrainingData
+    model: list[DistributedDataParallel]
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    metrics: MetricsWriter
+    state: TrainState
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.checkpoints_dir = self.run_dir / "checkpoints"
+        self.layout = init_distributed(config)
+        self.rank = torch.distributed.get_rank()
+        self.device = platform.device()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.state = TrainState()
+        self._stop_signal: Optional[int] = None
+        self._start_time = time.time()
+        self._last_save_time = time.time()
+
+        num_train_samples = config.train.iterations * config.train.global_batch_size
+        self.data = build_training_data(config, num_train_samples, config.model.vocab_size)
+        self.state.tokens_by_category = {c: 0 for c in self.data.categories}
+
+        self.tf_config = transformer_config(config)
+        chunks = build_model_chunks(config, self.tf_config, self.data.vocab_size)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=config.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=config.parallel.distributed_optimizer,
+        )
+        self.model = [
+            DistributedDataParallel(config=self.tf_config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        self.optimizer = get_megatron_optimizer(self._optimizer_config(), self.model)
+        self.scheduler = self._build_scheduler()
+        self.tf_config.no_sync_func = ([m.no_sync for m in self.model] if len(self.model) > 1
+                                       else self.model[0].no_sync)
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
+        self.tf_config.grad_scale_func = self.optimizer.scale_loss
+        self.num_parameters = self._count_parameters()
+
+        self.restored_from = self._restore()
+        self.metrics = MetricsWriter(str(self.run_dir), enabled=self.rank == 0,
+                                     tensorboard=config.logging.tensorboard,
+                                     wandb_project=config.logging.wandb_project,
+                                     wandb_name=config.logging.wandb_name, config=to_dict(config))
+        if self.rank == 0:
+            self._write_resolved_config()
+
+    # ----------------------------------------------------------------------------- components
+    def _optimizer_config(self) -> OptimizerConfig:
+        opt, dtype = self.config.optim, params_dtype(self.config)
+        return OptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=opt.min_lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=self.config.parallel.distributed_optimizer,
+        )
+
+    def _build_scheduler(self) -> OptimizerParamScheduler:
+        opt, iters = self.config.optim, self.config.train.iterations
+        warmup = opt.warmup_iters if opt.warmup_iters is not None else int(round(opt.warmup_fraction * iters))
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(iters, 1),
+            lr_decay_style=opt.decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=max(iters, 1),
+            wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
+            wsd_decay_steps=max(1, iters // 10) if opt.decay_style == "WSD" else None,
+            lr_wsd_decay_style="cosine" if opt.decay_style == "WSD" else None,
+        )
+
+    def _count_parameters(self) -> int:
+        local = sum(p.numel() for chunk in self.model for p in chunk.parameters())
+        total = torch.tensor([local], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+        torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return int(total.item())
+
+    def _write_resolved_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / ".config.yaml.tmp"
+        tmp.write_text(dump_yaml(self.config))
+        os.replace(tmp, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------------ restore / save
+    def _restore(self) -> Optional[str]:
+        ckpt = self.config.checkpoint
+        latest = latest_checkpoint(self.checkpoints_dir)
+        if latest is not None:  # resume this run
+            meta = load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
+            self._adopt(meta)
+            self._announce(f"resumed from {latest} at step {meta.iteration} "
+                           f"({meta.consumed_samples} samples, model+optimizer+scheduler+rng)")
+            return str(latest)
+        if ckpt.init_from:  # start a new run / stage from another run's weights
+            source = resolve_checkpoint(ckpt.init_from)
+            meta = load_checkpoint(source, self.model,
+                                   self.optimizer if ckpt.init_load_optimizer else None,
+                                   restore_rng=False)
+            if not ckpt.init_reset_iteration:
+                self._adopt(meta)
+            what = "weights+optimizer" if ckpt.init_load_optimizer else "weights"
+            self._announce(f"initialised {what} from {source} (step {meta.iteration}); "
+                           f"starting at step {self.state.iteration}")
+            return str(source)
+        return None
+
+    def _adopt(self, meta: CheckpointMeta) -> None:
+        self.state.iteration = meta.iteration
+        self.state.consumed_samples = meta.consumed_samples
+        self.state.consumed_tokens = meta.consumed_tokens
+        for key, value in meta.tokens_by_category.items():
+            self.state.tokens_by_category[key] = value
+
+    def _announce(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[megatron-align] {message}", flush=True)
+
+    def save(self) -> Path:
+        meta = CheckpointMeta(
+            iteration=self.state.iteration,
+            consumed_samples=self.state.consumed_samples,
+            consumed_tokens=self.state.consumed_tokens,
+            tokens_by_category=dict(self.state.tokens_by_category),
+            layout={"world_size": self.layout.world_size, "tensor": self.layout.tensor,
+                    "pipeline": self.layout.pipeline, "virtual_pipeline": self.layout.virtual_pipeline,
+                    "data": self.layout.data},
+            config=to_dict(self.config),
+            mixture_hash=self.data.mixture_hash,
+        )
+        path = save_checkpoint(self.checkpoints_dir, meta, self.model, self.optimizer, self.scheduler,
+                               keep_last=self.config.checkpoint.keep_last,
+                               keep_every=self.config.checkpoint.keep_every)
+        self._last_save_time = time.time()
+        self._announce(f"saved {path} (step {self.state.iteration})")
+        return path
+
+    # -------------------------------------------------------------------------------- train
+    def train_step(self) -> dict:
+        layout, state = self.layout, self.state
+        batches = step_microbatches(self.data.train, layout, state.consumed_samples, self.dp_rank,
+                                    self.device)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=microbatch_iterators(batches, len(self.model)),
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=layout.num_microbatches,
+            seq_length=self.config.train.seq_length,
+            micro_batch_size=layout.micro_batch_size,
+            forward_only=False,
+        )
+        loss = self._reduce_loss(losses)
+        grads_finite = self._grads_finite()
+        grad_norm = float("nan")
+        skipped = not (math.isfinite(loss) and grads_finite)
+        if not skipped:
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        state.skipped_steps = state.skipped_steps + 1 if skipped else 0
+        self._consume_step()
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+
+    def _consume_step(self) -> None:
+        state, gbs, seq = self.state, self.layout.global_batch_size, self.config.train.seq_length
+        categories = self.data.category_of_samples(state.consumed_samples, state.consumed_samples + gbs)
+        counts = np.bincount(categories, minlength=len(self.data.categories))
+        for name, count in zip(self.data.categories, counts):
+            state.tokens_by_category[name] += int(count) * seq
+        state.iteration += 1
+        state.consumed_samples += gbs
+        state.consumed_tokens += gbs * seq
+
+    def _reduce_loss(self, losses: list) -> float:
+        """Per-token mean over the global batch, known on every rank."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+                parallel_state.get_tensor_model_parallel_rank() == 0:
+            for item in losses:
+                total += item["lm loss"].to(torch.float64)
+        torch.distributed.all_reduce(total)
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+    def _grads_finite(self) -> bool:
+        finite = all(bool(torch.isfinite(buffer.grad_data).all())
+                     for chunk in self.model for buffer in chunk.buffers)
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _should_stop(self) -> Optional[str]:
+        """Agreed by every rank: a signal arrived somewhere, or the time budget ran out."""
+        limit = self.config.train.exit_duration_minutes
+        local = 1.0 if self._stop_signal is not None else 0.0
+        if limit is not None and (time.time() - self._start_time) / 60 >= limit:
+            local = max(local, 2.0)
+        flag = torch.tensor([local], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return {0.0: None, 1.0: "signal", 2.0: "exit_duration_minutes"}[flag.item()]
+
+    def _save_due(self) -> bool:
+        ckpt, it = self.config.checkpoint, self.state.iteration
+        if ckpt.save_interval and it % ckpt.save_interval == 0:
+            return True
+        if ckpt.save_interval_minutes is None:
+            return False
+        due = torch.tensor([float(time.time() - self._last_save_time >= 60 * ckpt.save_interval_minutes)],
+                           device=self.device)
+        torch.distributed.broadcast(due, src=0)  # rank 0's clock decides for everyone
+        return bool(due.item())
+
+    def train(self) -> TrainState:
+        cfg = self.config
+        self._install_signal_handlers()
+        arch = resolve_architecture(cfg.model)
+        tokens_per_step = self.layout.global_batch_size * cfg.train.seq_length
+        flops_token = flops_per_token(self.num_parameters, arch.num_layers, arch.hidden_size,
+                                      cfg.train.seq_length)
+        peak = peak_tflops()
+        progress = self._progress_bar()
+        stop_reason = None
+        last_saved_iteration = self.state.iteration if self.restored_from else None
+        while self.state.iteration < cfg.train.iterations:
+            start = time.perf_counter()
+            result = self.train_step()
+            step_time = time.perf_counter() - start
+            record = {
+                "step": self.state.iteration,
+                "loss": result["loss"],
+                "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                "grad_norm": result["grad_norm"],
+                "tokens": self.state.consumed_tokens,
+                "tokens_by_category": dict(self.state.tokens_by_category),
+                "step_time_s": step_time,
+                "tokens_per_s": tokens_per_step / step_time,
+            }
+            if peak is not None:
+                tflops = flops_token * tokens_per_step / step_time / self.layout.world_size / 1e12
+                record.update(tflops_per_gpu=tflops, mfu=tflops / peak)
+            if result["skipped"]:
+                record["skipped"] = True
+            if cfg.train.eval_interval and self.state.iteration % cfg.train.eval_interval == 0 and self.data.valid:
+                record["valid_loss_by_category"] = self.evaluate()
+            if self.state.iteration % cfg.train.log_interval == 0 or result["skipped"]:
+                self.metrics.log(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if self.state.skipped_steps > cfg.train.max_skipped_steps:
+                self.save()
+                raise TrainingStopped(
+                    f"{self.state.skipped_steps} consecutive steps had a non-finite loss or "
+                    f"gradient (limit train.max_skipped_steps={cfg.train.max_skipped_steps}); "
+                    f"saved the last good weights at step {self.state.iteration}")
+            stop_reason = self._should_stop()
+            if stop_reason or self._save_due():
+                self.save()
+                last_saved_iteration = self.state.iteration
+            if stop_reason:
+                self._announce(f"stopping at step {self.state.iteration} ({stop_reason}); "
+                               "checkpoint saved, exit 0 for requeue")
+                break
+        if progress is not None:
+            progress.close()
+        if cfg.checkpoint.save_at_end and last_saved_iteration != self.state.iteration:
+            self.save()
+        self.metrics.close()
+        return self.state
+
+    def _progress_bar(self):
+        if self.rank != 0 or not self.config.logging.progress_bar:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.train.iterations, initial=self.state.iteration, unit="step",
+                    desc="train", file=sys.stderr, dynamic_ncols=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-category validation loss over ``train.eval_iters`` global batches each."""
+        results = {}
+        for chunk in self.model:
+            chunk.eval()
+        for name, dataset in self.data.valid.items():
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)
+            needed = self.config.train.eval_iters * self.layout.global_batch_size
+            for start in range(0, min(needed, len(dataset)) - self.layout.global_batch_size + 1,
+                               self.layout.global_batch_size):
+                batches = step_microbatches(dataset, self.layout, start, self.dp_rank, self.device)
+                losses = get_forward_backward_func()(
+                    forward_step_func=_forward_step,
+                    data_iterator=microbatch_iterators(batches, len(self.model)),
+                    model=self.model if len(self.model) > 1 else self.model[0],
+                    num_microbatches=self.layout.num_microbatches,
+                    seq_length=self.config.train.seq_length,
+                    micro_batch_size=self.layout.micro_batch_size,
+                    forward_only=True,
+                )
+                if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+                        parallel_state.get_tensor_model_parallel_rank() == 0:
+                    for item in losses:
+                        total += item["lm loss"].to(torch.float64)
+            torch.distributed.all_reduce(total)
+            results[name] = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        for chunk in self.model:
+            chunk.train()
+        return results
