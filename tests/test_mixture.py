@@ -386,3 +386,33 @@ def test_epoch_warning(tmp_path, data_dir):
     assert aligned.epochs == pytest.approx(0.4 * 600 * GBS * SEQ / train_tokens(data_dir, "aligned"), rel=1e-3)
     assert aligned.epochs > 4
     assert any("'aligned'" in w and "max_epochs" in w for w in plan.warnings)
+
+
+def test_process_group_build_caches_and_matches_single_process(tmp_path, data_dir):
+    """With a (one-rank gloo) process group, segment indices go through megatron's rank-0-first
+    cached path; the samples must be the ones a single-process build reads."""
+    import torch
+
+    path = write_mixture(tmp_path, data_dir, """
+stages:
+  pretrain:
+    iterations: 40
+    rules:
+      base: natural
+      aligned_discourse: {share: 0.05, window: {last: 0.5}}
+""")
+    single = build(path)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="pass cache_dir"):
+            build(path)
+        cache = tmp_path / "shared-cache"
+        grouped = build(path, cache_dir=str(cache))
+        grouped_again = build(path, cache_dir=str(cache))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(list(cache.glob("*BlendedDataset-train-dataset_index.npy"))) == 2  # one per segment
+    for other in (grouped, grouped_again):
+        np.testing.assert_array_equal(single.category_of_samples(0, 640), other.category_of_samples(0, 640))
+        for i in range(300, 340):
+            assert np.array_equal(single.train[i]["tokens"], other.train[i]["tokens"])
