@@ -59,8 +59,16 @@ class LogLikelihoodScorer:
         self.device = next(model.parameters()).device
         prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._prefix_str = tokenizer.decode(prefix_id) if prefix_id is not None else None
+        self._keep_positions = True
+        self._encode_cache: dict[str, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
+        cached = self._encode_cache.get(text)
+        if cached is None:
+            cached = self._encode_cache[text] = self._encode(text)
+        return cached
+
+    def _encode(self, text: str) -> list[int]:
         # Like lm-eval: the tokenizer's default special tokens, unless the text already
         # starts with the BOS/EOS string (a rendered chat template often does).
         if self._prefix_str and text.startswith(self._prefix_str):
@@ -88,8 +96,20 @@ class LogLikelihoodScorer:
         # longest first, as lm-eval does: the first batch shows the peak memory
         return sorted(groups.values(), key=lambda g: (-len(g.tokens), g.tokens))
 
+    def _forward_logprobs(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Log-softmax at `positions` (sorted sequence indices) only: the LM head and softmax
+        over a 50k vocabulary at every position would dominate the time for short answers."""
+        if self._keep_positions:
+            try:
+                logits = self.model(ids, logits_to_keep=positions).logits
+                return F.log_softmax(logits, dim=-1)
+            except TypeError:  # a model class without logits_to_keep
+                self._keep_positions = False
+        return F.log_softmax(self.model(ids).logits[:, positions], dim=-1)
+
     @torch.no_grad()
     def score(self, requests: list[tuple[str, str]]) -> list[float]:
+        self._encode_cache.clear()
         results: list[float | None] = [None] * len(requests)
         groups = self._groups(requests)
         bar = tqdm(total=len(requests), desc="scoring", unit="req", disable=not self.show_progress)
@@ -100,13 +120,17 @@ class LogLikelihoodScorer:
             ids = torch.zeros((len(inputs), width), dtype=torch.long)
             for row, tokens in enumerate(inputs):
                 ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            logits = self.model(ids.to(self.device)).logits
-            logprobs = F.log_softmax(logits, dim=-1)
-            for row, (group, tokens) in enumerate(zip(batch, inputs)):
-                for index, cont in group.members:
-                    positions = torch.arange(len(tokens) - len(cont), len(tokens), device=self.device)
+            # positions whose logits predict a continuation token, per member
+            wanted = [[range(len(tokens) - len(cont), len(tokens)) for _, cont in group.members]
+                      for group, tokens in zip(batch, inputs)]
+            keep = sorted({p for rows in wanted for r in rows for p in r})
+            column = {p: i for i, p in enumerate(keep)}
+            logprobs = self._forward_logprobs(ids.to(self.device), torch.tensor(keep, device=self.device))
+            for row, (group, spans) in enumerate(zip(batch, wanted)):
+                for (index, cont), span in zip(group.members, spans):
+                    cols = torch.tensor([column[p] for p in span], device=self.device)
                     targets = torch.tensor(cont, dtype=torch.long, device=self.device)
-                    results[index] = float(logprobs[row, positions, targets].sum())
+                    results[index] = float(logprobs[row, cols, targets].sum())
                 bar.update(len(group.members))
         bar.close()
         return results  # type: ignore[return-value]
