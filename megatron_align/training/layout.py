@@ -37,9 +37,11 @@ def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
     for key, value in (("parallel.tensor", par.tensor), ("parallel.pipeline", par.pipeline),
                        ("train.micro_batch_size", train.micro_batch_size),
                        ("train.global_batch_size", train.global_batch_size),
-                       ("train.seq_length", train.seq_length), ("train.iterations", train.iterations)):
+                       ("train.seq_length", train.seq_length)):
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
+    if train.iterations < 0:
+        raise ConfigError(f"train.iterations={train.iterations} must be >= 0 (0: initialise and save)")
     model_parallel = par.tensor * par.pipeline
     if world_size % model_parallel:
         raise ConfigError(
