@@ -301,8 +301,8 @@ def _assert_same_numbers(native: dict, lm: dict):
         assert lm[f"rate_{fmt.template}_{fmt.order}"] == pytest.approx(native["rate_by_format"][fmt.name], abs=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["base", "chat"])
-def test_lm_eval_task_matches_native_runner(mode, random_model, chat_model, items_file):
+@pytest.mark.parametrize("mode,scoring", [("base", "letter"), ("base", "full"), ("chat", "letter")])
+def test_lm_eval_task_matches_native_runner(mode, scoring, random_model, chat_model, items_file):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -310,14 +310,16 @@ def test_lm_eval_task_matches_native_runner(mode, random_model, chat_model, item
 
     model_dir = random_model if mode == "base" else chat_model
     identity = "ai"
-    native = run_misalignment(str(model_dir), str(items_file), identity=identity, batch_size=4,
-                              device="cpu", show_progress=False)
+    native = run_misalignment(str(model_dir), str(items_file), identity=identity, scoring=scoring,
+                              batch_size=4, device="cpu", show_progress=False)
     # base: the identity goes into the text through the task metadata; chat: lm-eval's
     # system instruction + chat template, with the task's text identity left at "none".
-    metadata = {"items": str(items_file), "identity": identity if mode == "base" else "none"}
+    metadata = {"items": str(items_file), "identity": identity if mode == "base" else "none",
+                "scoring": scoring}
     out = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(model_dir)}, tasks=["megatron_align_misalignment"],
-        task_manager=TaskManager(include_path=str(TASKS_DIR), metadata=metadata), batch_size=3,
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata),
+        batch_size=3,
         device="cpu", log_samples=True, apply_chat_template=(mode == "chat"),
         system_instruction=IDENTITIES[identity] if mode == "chat" else None)
     _assert_same_numbers(native, _lm_eval_metrics(out["results"]))
@@ -393,14 +395,14 @@ def test_cli_errors_exit_nonzero(random_model, tmp_path, capsys):
 
 
 def test_capability_runs_local_task_and_names_missing_ones(random_model, items_file, tmp_path):
-    from megatron_align.evals.capability import run_capability
+    from megatron_align.evals.capability import check_tasks, make_task_manager, run_capability
 
     native = run_misalignment(str(random_model), str(items_file), device="cpu", show_progress=False)
     res = run_capability(str(random_model), "megatron_align_misalignment", device="cpu",
                          metadata={"items": str(items_file)})
     _assert_same_numbers(native, _lm_eval_metrics(res["results"]))
     with pytest.raises(EvalError, match="unknown lm-eval task 'no_such_task'"):
-        run_capability(str(random_model), "megatron_align_misalignment,no_such_task", device="cpu")
+        check_tasks(["no_such_task"], make_task_manager(["megatron_align_misalignment"]))
     # a hub task with an empty HF cache, offline: one clear error naming it, non-zero exit
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_align.evals.commands", "capability", "--model", str(random_model),

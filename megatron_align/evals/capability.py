@@ -50,6 +50,16 @@ def _missing_data_message(task: str, exc: Exception) -> str:
     )
 
 
+def make_task_manager(task_names: list[str], metadata: dict | None = None):
+    """Our tasks always; lm-eval's built-in index (~10 s to build) only when a task needs it."""
+    from lm_eval.tasks import TaskManager
+
+    ours = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata or {})
+    if set(task_names) <= set(ours.all_tasks):
+        return ours
+    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata or {})
+
+
 def check_tasks(task_names: list[str], task_manager) -> None:
     """Every task must be known and its data loadable offline; one clear error otherwise."""
     from lm_eval.tasks import get_task_dict
@@ -80,9 +90,8 @@ def run_capability(model_dir: str, tasks: str | list[str], *, limit: int | float
         raise EvalError(f"{model_dir}: not an HF model directory (no config.json)")
     import lm_eval
     import torch
-    from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager(include_path=str(TASKS_DIR), metadata=metadata or {})
+    task_manager = make_task_manager(task_names, metadata)
     check_tasks(task_names, task_manager)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,10 @@ from .misalignment import EvalError
 DEFAULT_OUT = "eval_results"
 
 
+def _num(x, width: int) -> str:
+    return f"{'n/a':>{width}}" if x is None or x != x else f"{x:{width}.3f}"
+
+
 def _fail(exc: Exception) -> int:
     print(f"error: {exc}", file=sys.stderr)
     return 2
@@ -65,10 +69,9 @@ def cmd_compare(args) -> int:
     table = []
     for label, r in zip(labels, results):
         split_means = {s: r.get("by_split", {}).get(s, {}).get("mean") for s in splits}
-        cells = "".join(f"{v:14.3f}" if v is not None else f"{'n/a':>14}" for v in split_means.values())
-        stderr = r["stderr"] if r["stderr"] is not None else float("nan")
+        cells = "".join(_num(v, 14) for v in split_means.values())
         bias = r.get("position_bias_rate")
-        rows.append(f"{label:<28}{r['mean']:8.3f}{stderr:8.3f}{(bias if bias is not None else float('nan')):9.3f}{cells}")
+        rows.append(f"{label[:27]:<28}{_num(r['mean'], 8)}{_num(r['stderr'], 8)}{_num(bias, 9)}{cells}")
         table.append({"label": label, "model": r["model"], "mean": r["mean"], "stderr": r["stderr"],
                       "position_bias_rate": bias, "by_split": split_means,
                       "identity": r.get("identity"), "scoring": r.get("scoring")})

@@ -151,7 +151,10 @@ def run_misalignment(model_dir: str, items_path: str | None = None, *, identity:
     except ItemError as exc:
         raise EvalError(str(exc)) from None
 
-    model, tokenizer = load_model_and_tokenizer(model_dir, device=device)
+    try:
+        model, tokenizer = load_model_and_tokenizer(model_dir, device=device)
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"{model_dir}: cannot load the HF model and tokenizer: {exc}") from None
     use_chat = decide_chat(tokenizer, chat_template)
     scorer = LogLikelihoodScorer(model, tokenizer, batch_size=batch_size, show_progress=show_progress)
     start = time.perf_counter()
