@@ -63,7 +63,10 @@ def preprocess_mpi(
 ) -> Optional[dict]:
     """Run on every rank; returns the stats sidecar on rank 0 (the list file for output='list')."""
     if comm is None:
-        from mpi4py import MPI
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise DataToolsError(f"--mpi needs mpi4py and an MPI library (pip install 'megatron-align[mpi]'): {exc}") from exc
 
         comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()

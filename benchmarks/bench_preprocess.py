@@ -1,0 +1,198 @@
+"""Preprocessing throughput: `data-tools preprocess` vs Megatron-LM's tools/preprocess_data.py.
+
+Generates a deterministic English-like JSONL corpus (~60 MB) from the docstrings of Python's
+standard library and installed packages, trains a 50k byte-level BPE on part of it with `tokenizers`, then times
+`data-tools preprocess` (and, with --megatron-lm DIR, Megatron-LM's script on the same corpus,
+tokenizer and worker count). Both run as fresh subprocesses; times are wall clock including
+start-up. Megatron-LM's source is never fetched by this script: pass a checkout you have.
+
+    python benchmarks/bench_preprocess.py --workers 2 [--megatron-lm /tmp/megatron-lm]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def docstring_paragraphs() -> list:
+    """English paragraphs from the docstrings of the standard library and the installed
+    packages (deterministic order, duplicates dropped)."""
+    paragraphs, seen = [], set()
+    roots = [sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]]
+    for dirpath, dirnames, filenames in (w for root in roots for w in os.walk(root)):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "idlelib"))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(open(os.path.join(dirpath, name), encoding="utf-8").read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        for para in re.split(r"\n\s*\n", doc):
+                            para = " ".join(para.split())
+                            if (len(para) > 60 and para not in seen
+                                    and sum(c.isalpha() or c == " " for c in para) > 0.9 * len(para)):
+                                seen.add(para)
+                                paragraphs.append(para)
+    return paragraphs
+
+
+def make_corpus(path: str, megabytes: float, seed: int = 0) -> int:
+    paragraphs = docstring_paragraphs()
+    rng = random.Random(seed)
+    target, size, docs = int(megabytes * 1e6), 0, 0
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        while size < target:
+            n = min(int(rng.lognormvariate(1.6, 0.9)) + 1, 60)  # ~ web-document length spread
+            text = "\n\n".join(rng.choice(paragraphs) for _ in range(n))
+            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+            f.write(line)
+            size += len(line.encode("utf-8"))
+            docs += 1
+    os.replace(tmp, path)
+    return docs
+
+
+def train_tokenizer(corpus: str, out_dir: str, vocab_size: int, train_mb: float) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    def texts():
+        seen = 0
+        with open(corpus, encoding="utf-8") as f:
+            for line in f:
+                seen += len(line)
+                if seen > train_mb * 1e6:
+                    return
+                yield json.loads(line)["text"]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts(), trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    # what transformers.AutoTokenizer (Megatron-LM's HuggingFaceTokenizer) needs to load it offline
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                   "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 1 << 30}, f)
+    return os.path.join(out_dir, "tokenizer.json")
+
+
+def run_timed(cmd, env) -> tuple:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return elapsed, proc
+
+
+def count_tokens(prefix: str) -> tuple:
+    import numpy as np
+
+    sys.path.insert(0, REPO)
+    from data_tools.preprocess import megatron_indexed
+
+    ds = megatron_indexed().IndexedDataset(prefix)
+    return len(ds), int(np.asarray(ds.sequence_lengths, dtype=np.int64).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default="/tmp/bench-data-tools")
+    parser.add_argument("--mb", type=float, default=60.0, help="corpus size in MB")
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--tokenizer-train-mb", type=float, default=20.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--megatron-lm", default=None, help="a Megatron-LM checkout to run tools/preprocess_data.py from")
+    parser.add_argument("--megatron-python", default=sys.executable, help="python to run Megatron-LM's script with")
+    parser.add_argument("--megatron-launcher", default=None,
+                        help="a python file run as `python LAUNCHER tools/preprocess_data.py ARGS` (e.g. one that "
+                             "makes Megatron-LM importable on a machine without triton)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the tools this many times; report the best")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    os.makedirs(args.work_dir, exist_ok=True)
+    corpus = os.path.join(args.work_dir, f"corpus-{args.mb:g}mb.jsonl")
+    if not os.path.exists(corpus):
+        t0 = time.perf_counter()
+        docs = make_corpus(corpus, args.mb)
+        print(f"corpus: {docs:,} docs, {os.path.getsize(corpus) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
+    tok_dir = os.path.join(args.work_dir, f"bpe{args.vocab}")
+    tok_path = os.path.join(tok_dir, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        t0 = time.perf_counter()
+        train_tokenizer(corpus, tok_dir, args.vocab, args.tokenizer_train_mb)
+        print(f"tokenizer: {args.vocab}-token byte-level BPE trained in {time.perf_counter() - t0:.1f}s")
+
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    results = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+               "corpus_mb": round(os.path.getsize(corpus) / 1e6, 1), "workers": args.workers, "runs": {}}
+
+    ours = os.path.join(args.work_dir, "ours")
+    tools = {"data-tools": (
+        [sys.executable, "-m", "data_tools", "preprocess", corpus, "-o", ours, "-t", tok_path,
+         "--workers", str(args.workers), "-q"], env, ours)}
+    if args.megatron_lm:
+        theirs = os.path.join(args.work_dir, "megatron_lm")
+        script = os.path.join(args.megatron_lm, "tools", "preprocess_data.py")
+        launcher = [args.megatron_launcher] if args.megatron_launcher else []
+        cmd = [args.megatron_python, *launcher, script, "--input", corpus, "--output-prefix", theirs,
+               "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok_dir, "--append-eod",
+               "--workers", str(args.workers), "--log-interval", "1000000"]
+        menv = dict(env, PYTHONPATH=args.megatron_lm, TRANSFORMERS_OFFLINE="1", HF_HUB_OFFLINE="1")
+        tools["megatron-lm"] = (cmd, menv, theirs + "_text_document")
+
+    for repeat in range(args.repeats):
+        for name, (cmd, tool_env, prefix) in tools.items():
+            load = os.getloadavg()[0]
+            elapsed, _ = run_timed(cmd, tool_env)
+            docs, tokens = count_tokens(prefix)
+            print(f"run {repeat + 1}/{args.repeats} {name}: {elapsed:.1f}s, {tokens / elapsed:,.0f} tokens/s (1-min load before: {load:.1f})")
+            best = results["runs"].get(name)
+            if best is None or elapsed < best["seconds"]:
+                results["runs"][name] = {"seconds": round(elapsed, 2), "documents": docs, "tokens": tokens,
+                                         "tokens_per_s": round(tokens / elapsed), "load_before": round(load, 1),
+                                         "command": " ".join(cmd)}
+    if "megatron-lm" in tools:
+        prefix = tools["megatron-lm"][2]
+        results["identical_bin_idx"] = all(
+            open(ours + suffix, "rb").read() == open(prefix + suffix, "rb").read() for suffix in (".bin", ".idx"))
+        results["speedup"] = round(results["runs"]["data-tools"]["tokens_per_s"] / results["runs"]["megatron-lm"]["tokens_per_s"], 2)
+
+    print(f"\n{'tool':<14} {'docs':>9} {'tokens':>12} {'seconds':>8} {'tokens/s':>10}")
+    for name, r in results["runs"].items():
+        print(f"{name:<14} {r['documents']:>9,} {r['tokens']:>12,} {r['seconds']:>8.1f} {r['tokens_per_s']:>10,}")
+    if "speedup" in results:
+        print(f"speedup {results['speedup']}x   identical .bin/.idx: {results['identical_bin_idx']}")
+    print(f"machine: {results['machine']}   corpus {results['corpus_mb']} MB   workers {args.workers}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
