@@ -1,0 +1,290 @@
+"""megatron-align checkpoint (torch_dist, any TP/PP/VPP) -> Hugging Face model directory.
+
+One process, no process group: tensors are read from the checkpoint layer by layer
+(``reader.TorchDistReader``), mapped (``layouts``), cast and streamed into safetensors shards
+(``safetensors_stream``), so peak memory stays near one layer plus the embedding. The output is
+assembled in a hidden temp directory and renamed into place only when complete (and verified).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_align.checkpoint.dist_ckpt import read_meta, resolve_checkpoint
+from megatron_align.config import RunConfig, from_dict
+from megatron_align.model.presets import Architecture, resolve_architecture
+
+from .errors import ConvertError, VerificationFailed
+from .layouts import (EMBEDDING, LAYER_PREFIX, OUTPUT, expected_layer_shapes, global_keys, hf_config,
+                      layer_keys, layout_for)
+from .reader import TorchDistReader
+from .safetensors_stream import PlannedTensor, ShardedSafetensorsWriter, parse_size
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VERIFY_FILE = "verify.json"
+PROVENANCE_FILE = "megatron_align_export.json"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    num_parameters: int
+    weight_bytes: int
+    files: list[str]
+    seconds: float
+    vocab_size: int
+    verify: Optional[dict] = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"exported {self.out_dir}",
+                 f"  parameters     {self.num_parameters:,} ({self.weight_bytes / 1e6:,.1f} MB in "
+                 f"{len(self.files)} safetensors file(s))",
+                 f"  vocab          {self.vocab_size} (padding trimmed)",
+                 f"  time           {self.seconds:.1f} s "
+                 f"({self.weight_bytes / 1e6 / max(self.seconds, 1e-9):,.0f} MB/s)"]
+        if self.verify is not None:
+            v = self.verify
+            lines.append(f"  verify         {'PASSED' if v['passed'] else 'FAILED'}: max |dlogit| "
+                         f"{v['max_abs_diff']:.2e} (threshold {v['threshold']:.0e}), mean KL "
+                         f"{v['mean_kl']:.2e}, top-1 agreement {100 * v['top1_agreement']:.1f}%")
+        lines += [f"  note           {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def checkpoint_config(checkpoint_dir: str | Path) -> tuple[RunConfig, object]:
+    meta = read_meta(checkpoint_dir)
+    return from_dict(RunConfig, meta.config, source=f"{checkpoint_dir}/meta.json"), meta
+
+
+def check_checkpoint_matches(reader: TorchDistReader, arch: Architecture, checkpoint_dir: Path) -> None:
+    """The checkpoint's tensors must be the ones meta.json's preset implies."""
+    if EMBEDDING not in reader:
+        raise ConvertError(f"{checkpoint_dir}: no {EMBEDDING} in the checkpoint")
+    rows, hidden = reader.shape(EMBEDDING)[0], arch.hidden_size
+    expected = {LAYER_PREFIX + k: (arch.num_layers, *shape)
+                for k, shape in expected_layer_shapes(arch).items()}
+    for key in global_keys(arch):
+        expected[key] = (rows, hidden) if key in (EMBEDDING, OUTPUT) else (hidden,)
+    present = set(reader.tensors)
+    missing = sorted(set(expected) - present)
+    extra = sorted(k for k in present - set(expected) if k.startswith(LAYER_PREFIX))
+    wrong = sorted(k for k in set(expected) & present if tuple(reader.shape(k)) != expected[k])
+    if missing or extra or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:4]}")
+        if extra:
+            details.append(f"unexpected {extra[:4]}")
+        for key in wrong[:4]:
+            details.append(f"{key} has shape {tuple(reader.shape(key))}, expected {expected[key]}")
+        raise ConvertError(f"{checkpoint_dir}: tensors do not match the architecture in meta.json "
+                           f"({arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}): "
+                           + "; ".join(details))
+
+
+def resolve_tokenizer(config: RunConfig, tokenizer: Optional[str], checkpoint_dir: Path):
+    from data_tools.tokenizers import TokenizerError, load_tokenizer
+
+    path = tokenizer or config.data.tokenizer
+    if not path:
+        raise ConvertError(f"missing tokenizer: {checkpoint_dir} records no data.tokenizer (e.g. a "
+                           "synthetic-data run); pass --tokenizer PATH (tokenizer.json or "
+                           "SentencePiece .model)")
+    try:
+        return load_tokenizer(str(path))
+    except TokenizerError as err:
+        raise ConvertError(f"tokenizer: {err}") from None
+
+
+def check_vocab(config: RunConfig, tokenizer, rows: int) -> int:
+    vocab = int(tokenizer.vocab_size)
+    if vocab > rows:
+        raise ConvertError(f"wrong vocab: tokenizer {tokenizer.path} has {vocab} tokens but the "
+                           f"checkpoint's embedding has only {rows} rows")
+    trained = config.model.vocab_size
+    if trained is not None and trained != vocab:
+        raise ConvertError(f"wrong vocab: tokenizer {tokenizer.path} has {vocab} tokens but the "
+                           f"checkpoint was trained with model.vocab_size={trained}; pass the run's "
+                           "tokenizer")
+    return vocab
+
+
+def write_tokenizer(tokenizer, out_dir: Path) -> str:
+    """Tokenizer files for transformers, with bos/eos = the end-of-document token."""
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    if tokenizer.kind == "hf":
+        from tokenizers import Tokenizer
+
+        eod = Tokenizer.from_file(tokenizer.path).id_to_token(tokenizer.eod_id)
+        hf_tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer.path, eos_token=eod, bos_token=eod)
+    else:  # SentencePiece: transformers converts the .model into a fast tokenizer
+        with tempfile.TemporaryDirectory() as staging:
+            shutil.copy(tokenizer.path, Path(staging) / "tokenizer.model")
+            hf_tok = LlamaTokenizer.from_pretrained(staging, local_files_only=True)
+        eod = hf_tok.convert_ids_to_tokens(tokenizer.eod_id)
+        hf_tok.eos_token = hf_tok.bos_token = eod
+    if len(hf_tok) != tokenizer.vocab_size:
+        raise ConvertError(f"tokenizer {tokenizer.path}: transformers sees {len(hf_tok)} tokens, "
+                           f"the file has {tokenizer.vocab_size}")
+    hf_tok.save_pretrained(str(out_dir))
+    return eod
+
+
+def _plan(arch: Architecture, reader: TorchDistReader, vocab: int, dtype: torch.dtype):
+    """[(PlannedTensor, producer)] in file order; a producer returns {hf_name: tensor}."""
+    from .layouts import _meta_layer
+
+    layout = layout_for(arch)
+    meta_hf = layout.layer_to_hf(arch, _meta_layer(arch))
+    plan = []
+    globals_ = layout.global_map(arch)
+    head, tail = globals_[:1], globals_[1:]
+
+    def global_producer(hf_name, key, trim):
+        return lambda: {hf_name: reader.read(key)[:vocab] if trim else reader.read(key)}
+
+    def layer_producer(index):
+        def produce():
+            layer = {k: reader.read(LAYER_PREFIX + k, layer=index) for k in layer_keys(arch)}
+            return {f"{layout.hf_layer_prefix}{index}.{name}": t
+                    for name, t in layout.layer_to_hf(arch, layer).items()}
+        return produce
+
+    def global_entry(hf_name, key, trim):
+        shape = tuple(reader.shape(key))
+        shape = (vocab, *shape[1:]) if trim else shape
+        return [PlannedTensor(hf_name, shape, dtype)], global_producer(hf_name, key, trim)
+
+    plan.extend(global_entry(*g) for g in head)
+    for index in range(arch.num_layers):
+        planned = [PlannedTensor(f"{layout.hf_layer_prefix}{index}.{name}", tuple(t.shape), dtype)
+                   for name, t in meta_hf.items()]
+        plan.append((planned, layer_producer(index)))
+    plan.extend(global_entry(*g) for g in tail)
+    return plan
+
+
+def _fits_in_memory(weight_count: int) -> bool:
+    import psutil
+
+    # megatron model + HF model in fp32, plus activations and allocator slack
+    return 2.5 * 4 * weight_count < psutil.virtual_memory().available
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: Optional[str] = None,
+                      dtype: str = "fp32", verify: Optional[bool] = None,
+                      max_shard_size: str | int = "2GB", threshold: float = 1e-3,
+                      overwrite: bool = False, progress: bool = True) -> ExportResult:
+    """Write an HF model directory from a megatron-align checkpoint (a checkpoint dir, a run dir or
+    its checkpoints/ dir). ``verify=None``: verify when megatron + HF fit in memory.
+
+    Safe to call from rank 0 of a running job: reading needs no process group, and verification
+    then runs in a subprocess.
+    """
+    start = time.time()
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    out_dir = Path(out_dir)
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        max_shard_bytes = parse_size(max_shard_size)
+    except ValueError as err:
+        raise ConvertError(f"--max-shard-size: {err}") from None
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConvertError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    config, meta = checkpoint_config(checkpoint_dir)
+    arch = resolve_architecture(config.model)
+    reader = TorchDistReader(checkpoint_dir)
+    check_checkpoint_matches(reader, arch, checkpoint_dir)
+    tok = resolve_tokenizer(config, tokenizer, checkpoint_dir)
+    rows = reader.shape(EMBEDDING)[0]
+    vocab = check_vocab(config, tok, rows)
+    torch_dtype = DTYPES[dtype]
+
+    plan = _plan(arch, reader, vocab, torch_dtype)
+    planned = [t for tensors, _ in plan for t in tensors]
+    num_parameters = sum(t.nbytes // t.dtype.itemsize for t in planned)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    notes = []
+    try:
+        writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes)
+        from tqdm import tqdm
+
+        with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="export",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for tensors, produce in plan:
+                produced = produce()
+                for t in tensors:
+                    value = produced.pop(t.name).to(torch_dtype)
+                    writer.write(t.name, value)
+                    bar.update(t.nbytes)
+                del produced
+        files = writer.close()
+
+        eod = write_tokenizer(tok, staging)
+        max_positions = max(arch.max_position_embeddings, config.train.seq_length)
+        hf_config(arch, vocab, tok.eod_id, tok.eod_id, max_positions, torch_dtype).save_pretrained(staging)
+        from transformers import GenerationConfig
+
+        GenerationConfig(bos_token_id=tok.eod_id, eos_token_id=tok.eod_id).save_pretrained(staging)
+        provenance = {
+            "checkpoint": str(checkpoint_dir.resolve()), "iteration": meta.iteration,
+            "saved_layout": meta.layout, "preset": config.model.preset, "size": config.model.size,
+            "dtype": dtype, "vocab_size": vocab, "checkpoint_vocab_rows": rows,
+            "tokenizer": {"path": str(Path(tok.path).resolve()), "sha256": tok.sha256,
+                          "eod_id": int(tok.eod_id), "eod_token": eod},
+            "consumed_tokens": meta.consumed_tokens,
+        }
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+        report = None
+        if verify is None:
+            verify = _fits_in_memory(num_parameters)
+            if not verify:
+                notes.append("verification skipped: megatron + HF models do not fit in free memory "
+                             "(pass --verify to force)")
+        if verify:
+            from .verify import verify_checkpoint_against_hf
+
+            report = verify_checkpoint_against_hf(
+                checkpoint_dir, staging, vocab,
+                round_to=torch_dtype if torch_dtype != torch.float32 else None, threshold=threshold)
+            report["hf_dir"] = str(out_dir)
+            (staging / VERIFY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            if not report["passed"]:
+                rejected = out_dir.with_name(out_dir.name + ".rejected")
+                shutil.rmtree(rejected, ignore_errors=True)
+                os.replace(staging, rejected)
+                raise VerificationFailed(
+                    f"exported logits differ from megatron's: max |dlogit| {report['max_abs_diff']:.3e} "
+                    f"> threshold {threshold:.0e} (mean KL {report['mean_kl']:.3e}, top-1 agreement "
+                    f"{100 * report['top1_agreement']:.1f}%); the rejected export and its "
+                    f"{VERIFY_FILE} are in {rejected}")
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, num_parameters, writer.total_bytes, files, time.time() - start, vocab,
+                        report, notes)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)

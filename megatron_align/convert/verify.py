@@ -1,0 +1,214 @@
+"""Parity between a megatron-core model and a Hugging Face model: same tokens, compare logits.
+
+The megatron side is the real megatron-core GPTModel (our layer specs) loaded through
+dist_checkpointing — an independent path from the exporter's tensor maps — run in one process
+at TP=1/PP=1. Reports max |logit difference|, mean KL(megatron || HF) and top-1 agreement.
+
+    python -m megatron_align.convert.verify CHECKPOINT HF_DIR --vocab-size V [--dtype bf16]
+
+prints the report as JSON (used when the caller already has a process group, e.g. the trainer).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_align.config import ParallelConfig, RunConfig
+
+DEFAULT_THRESHOLD = 1e-3  # max |logit diff| in fp32
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_process_config(config: RunConfig, vocab_size: int, padded_rows: int) -> RunConfig:
+    """``config`` at TP=PP=1 in fp32 with the local spec, padded to exactly ``padded_rows`` rows
+    (so a checkpoint padded for TP=N loads at TP=1)."""
+    config = copy.deepcopy(config)
+    config.parallel = ParallelConfig()
+    config.model.vocab_size = vocab_size
+    config.model.make_vocab_size_divisible_by = padded_rows
+    config.model.transformer_impl = "local"
+    config.model.dropout = 0.0
+    config.train.precision = "fp32"
+    config.train.recompute = "none"
+    config.train.micro_batch_size = config.train.global_batch_size = 1
+    return config
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def megatron_single_process(config: RunConfig):
+    """A gloo (or NCCL) world of one with megatron-core's parallel state, torn down afterwards."""
+    from megatron_align.training.trainer import init_distributed, shutdown_distributed
+
+    if torch.distributed.is_initialized():
+        raise RuntimeError("a process group is already initialised; run this in a fresh process")
+    saved = {key: os.environ.get(key) for key in _ENV_KEYS}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    try:
+        init_distributed(config)
+        yield
+    finally:
+        shutdown_distributed()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def build_single_process_model(config: RunConfig):
+    from megatron_align.model.build import build_model_chunks, transformer_config
+
+    chunks = build_model_chunks(config, transformer_config(config), config.model.vocab_size)
+    model = chunks[0]
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def megatron_forward(model, tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] token ids -> [batch, seq, padded vocab] fp32 logits on CPU."""
+    device = next(model.parameters()).device
+    batch, seq = tokens.shape
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    return model(tokens.to(device), positions, None).float().cpu()
+
+
+@torch.no_grad()
+def megatron_greedy(model, prompt: torch.Tensor, new_tokens: int, vocab_size: int) -> torch.Tensor:
+    """Greedy decoding by re-running megatron's full forward each step (no KV cache)."""
+    tokens = prompt.clone()
+    for _ in range(new_tokens):
+        logits = megatron_forward(model, tokens)[:, -1, :vocab_size]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
+def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=generator)
+
+
+def load_hf_model(hf_dir: str | Path):
+    """An HF causal LM from a local directory in fp32; refuses missing/unexpected weights."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                       local_files_only=True, output_loading_info=True)
+    problems = {k: sorted(v) for k, v in info.items()
+                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise RuntimeError(f"{hf_dir}: transformers could not load every weight: {problems}")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def hf_forward(model, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens).logits.float()
+
+
+def compare_logits(reference: torch.Tensor, other: torch.Tensor, vocab_size: int) -> dict:
+    """Metrics over the real vocabulary (padding columns dropped)."""
+    a = reference[..., :vocab_size].double()
+    b = other[..., :vocab_size].double()
+    log_pa, log_pb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = (log_pa.exp() * (log_pa - log_pb)).sum(-1)
+    return {
+        "max_abs_diff": float((a - b).abs().max()),
+        "mean_kl": float(kl.mean()),
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+        "positions": int(a.shape[0] * a.shape[1]),
+    }
+
+
+def verify_checkpoint_against_hf(checkpoint_dir: str | Path, hf_dir: str | Path, vocab_size: int,
+                                 round_to: Optional[torch.dtype] = None,
+                                 threshold: float = DEFAULT_THRESHOLD, batch: int = 2,
+                                 seq: int = 32) -> dict:
+    """Megatron (checkpoint, loaded by dist_checkpointing) vs HF (directory) logits.
+
+    ``round_to=torch.bfloat16`` rounds megatron's weights to bf16 first, for a bf16 export: both
+    sides then compute in fp32 with the same weights and the fp32 threshold applies.
+    Runs in a subprocess when this process already has a process group (e.g. the trainer).
+    """
+    if torch.distributed.is_initialized():
+        return _verify_in_subprocess(checkpoint_dir, hf_dir, vocab_size, round_to, threshold, batch, seq)
+    from megatron_align.checkpoint.dist_ckpt import load_checkpoint
+
+    from .export import checkpoint_config
+    from .reader import TorchDistReader
+    from .layouts import EMBEDDING
+
+    config, _ = checkpoint_config(checkpoint_dir)
+    rows = TorchDistReader(checkpoint_dir).shape(EMBEDDING)[0]
+    config = single_process_config(config, vocab_size, rows)
+    tokens = sample_tokens(vocab_size, batch, min(seq, config.train.seq_length))
+    with megatron_single_process(config):
+        model = build_single_process_model(config)
+        load_checkpoint(checkpoint_dir, [model], restore_rng=False)
+        if round_to is not None:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.copy_(param.to(round_to).to(param.dtype))
+        reference = megatron_forward(model, tokens)
+        del model
+    hf_model = load_hf_model(hf_dir)
+    logits = hf_forward(hf_model, tokens)
+    del hf_model
+    report = compare_logits(reference, logits, vocab_size)
+    report.update(passed=report["max_abs_diff"] <= threshold, threshold=threshold,
+                  reference="megatron-core (dist_checkpointing load, TP=1 PP=1, fp32)",
+                  weights_rounded_to=str(round_to).replace("torch.", "") if round_to else None,
+                  tokens=list(tokens.shape), checkpoint=str(checkpoint_dir), hf_dir=str(hf_dir))
+    return report
+
+
+def _verify_in_subprocess(checkpoint_dir, hf_dir, vocab_size, round_to, threshold, batch, seq) -> dict:
+    command = [sys.executable, "-m", "megatron_align.convert.verify", str(checkpoint_dir), str(hf_dir),
+               "--vocab-size", str(vocab_size), "--threshold", str(threshold),
+               "--batch", str(batch), "--seq", str(seq)]
+    if round_to is not None:
+        command += ["--round-to", "bf16"]
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"verification subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_align.convert.verify")
+    parser.add_argument("checkpoint")
+    parser.add_argument("hf_dir")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    parser.add_argument("--round-to", choices=["bf16"], default=None)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32)
+    args = parser.parse_args(argv)
+    report = verify_checkpoint_against_hf(args.checkpoint, args.hf_dir, args.vocab_size,
+                                          torch.bfloat16 if args.round_to else None,
+                                          args.threshold, args.batch, args.seq)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
