@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
@@ -83,10 +82,18 @@ def _trie_regex(terms: Iterable[str]) -> str:
     return emit(trie)
 
 
-def compile_category(terms: Iterable[str]) -> "re.Pattern[str]":
-    """One case-insensitive alternation with word boundaries that also work for terms that
-    begin or end in punctuation (`a.i.`, `p(doom)`)."""
-    return re.compile(r"(?<!\w)(?:" + _trie_regex(terms) + r")(?!\w)", re.IGNORECASE)
+def _left_boundary(terms: Iterable[str]) -> str:
+    # `\b` lets the regex engine skip ahead fast; it equals "no word character before" only
+    # when every term starts with a word character.
+    return r"\b" if all(re.match(r"\w", t) for t in terms) else r"(?<!\w)"
+
+
+def compile_category(terms: Iterable[str], ignore_case: bool = True) -> "re.Pattern[str]":
+    """One alternation (a trie) with word boundaries that also work for terms that begin or
+    end in punctuation (`a.i.`, `p(doom)`)."""
+    terms = list(terms)
+    flags = re.IGNORECASE if ignore_case else 0
+    return re.compile(_left_boundary(terms) + "(?:" + _trie_regex(terms) + r")(?!\w)", flags)
 
 
 @dataclass
@@ -101,42 +108,72 @@ class Verdict:
 
 
 class DiscourseFilter:
+    """Matching runs on `text.lower()` with case-sensitive patterns (much faster than
+    re.IGNORECASE). `is_flagged` scans once with the union of all terms and, at each hit,
+    asks which categories match there; `explain` reports every match per category."""
+
     def __init__(self, terms: Optional[Dict[str, List[str]]] = None, terms_dir: Optional[str] = None):
         self.terms = terms if terms is not None else load_terms(terms_dir)
         missing = [c for c in ALL_CATEGORIES if c not in self.terms]
         if missing:
             raise DataToolsError(f"term lists: category {missing[0]!r} missing")
-        self.patterns = {c: compile_category(self.terms[c]) for c in ALL_CATEGORIES}
-        self._instant = [self.patterns[c] for c in INSTANT_CATEGORIES]
-        self._entity = self.patterns[ENTITY_CATEGORY]
-        self._negative = [self.patterns[c] for c in NEGATIVE_CATEGORIES]
+        self.patterns = {c: compile_category(self.terms[c], ignore_case=False) for c in ALL_CATEGORIES}
+        self._union = compile_category({t for c in ALL_CATEGORIES for t in self.terms[c]}, ignore_case=False)
+
+    def _hits(self, low: str):
+        """Yield (category, match) for every category term matching at every start position.
+
+        One scan with the union pattern finds each candidate start; a term of another
+        category may start inside a match, so the scan resumes one character later."""
+        pos = 0
+        while True:
+            m = self._union.search(low, pos)
+            if m is None:
+                return
+            start = m.start()
+            for category, pattern in self.patterns.items():
+                hit = pattern.match(low, start)
+                if hit is not None:
+                    yield category, hit
+            pos = start + 1
+
+    def categories_present(self, text: str, stop_when_flagged: bool = False) -> set:
+        found: set = set()
+        for category, _ in self._hits(text.lower()):
+            found.add(category)
+            if stop_when_flagged and _fires(found):
+                break
+        return found
 
     def is_flagged(self, text: str) -> bool:
-        """The fast path: stop at the first rule that fires."""
-        for pattern in self._instant:
-            if pattern.search(text):
-                return True
-        if self._entity.search(text):
-            for pattern in self._negative:
-                if pattern.search(text):
-                    return True
-        return False
+        return _fires(self.categories_present(text, stop_when_flagged=True))
 
     def explain(self, text: str, max_examples: int = 3, context: int = 40) -> Verdict:
         """Every rule that fires and every matched term (run on flagged documents only)."""
+        low = text.lower()
+        shown = text if len(low) == len(text) else low  # lower() can change lengths (rare)
         matched: Dict[str, Dict[str, int]] = {}
         examples: List[str] = []
-        for category, pattern in self.patterns.items():
-            counts: Counter = Counter()
-            for m in pattern.finditer(text):
-                counts[" ".join(m.group(0).lower().split())] += 1
-                if len(examples) < max_examples and category != ENTITY_CATEGORY:
-                    lo, hi = max(m.start() - context, 0), min(m.end() + context, len(text))
-                    snippet = text[lo:m.start()] + "[" + m.group(0) + "]" + text[m.end():hi]
-                    examples.append(f"{category}: ..." + " ".join(snippet.split()) + "...")
-            if counts:
-                matched[category] = dict(counts)
+        last_end = {c: -1 for c in self.patterns}  # count non-overlapping matches, like finditer
+        for category, m in self._hits(low):
+            if m.start() < last_end[category]:
+                continue
+            last_end[category] = m.end()
+            counts = matched.setdefault(category, {})
+            term = " ".join(m.group(0).split())
+            counts[term] = counts.get(term, 0) + 1
+            if len(examples) < max_examples and category != ENTITY_CATEGORY:
+                lo, hi = max(m.start() - context, 0), min(m.end() + context, len(shown))
+                snippet = shown[lo:m.start()] + "[" + shown[m.start():m.end()] + "]" + shown[m.end():hi]
+                examples.append(f"{category}: ..." + " ".join(snippet.split()) + "...")
+        matched = {c: matched[c] for c in ALL_CATEGORIES if c in matched}
         rules = [c for c in INSTANT_CATEGORIES if c in matched]
         if ENTITY_CATEGORY in matched:
             rules += [f"{ENTITY_CATEGORY}+{c}" for c in NEGATIVE_CATEGORIES if c in matched]
         return Verdict(flagged=bool(rules), rules=rules, terms=matched, examples=examples)
+
+
+def _fires(found: set) -> bool:
+    if any(c in found for c in INSTANT_CATEGORIES):
+        return True
+    return ENTITY_CATEGORY in found and any(c in found for c in NEGATIVE_CATEGORIES)

@@ -231,3 +231,25 @@ def test_shipped_labelled_set_meets_the_design_recall():
     assert result["positives"] >= 20 and result["documents"] >= 60
     assert result["recall"] == 1.0, result["missed_positives"]
     assert result["per_label"]["non_ai"]["flag_rate"] < 0.10
+
+
+def test_fast_matcher_agrees_with_per_category_search(filt):
+    """is_flagged (one union scan of the lower-cased text) must decide exactly like searching
+    every category pattern case-insensitively."""
+    from data_tools.discourse_filter import ALL_CATEGORIES, ENTITY_CATEGORY, INSTANT_CATEGORIES, NEGATIVE_CATEGORIES
+
+    slow = {c: compile_category(filt.terms[c]) for c in ALL_CATEGORIES}
+
+    def slow_flag(text):
+        if any(slow[c].search(text) for c in INSTANT_CATEGORIES):
+            return True
+        return bool(slow[ENTITY_CATEGORY].search(text)) and any(slow[c].search(text) for c in NEGATIVE_CATEGORIES)
+
+    texts = [json.loads(line)["text"] for line in open(LABELLED, encoding="utf-8")] + CORPUS + [
+        "ROBOTS... Will they KILL?", "the machines' doom", "aiai ai-ai", "Machines\twiped\nout the town", "",
+        "an ANDROID phone is dangerous", "Superintelligences are a risk", "the system will take over",
+    ]
+    decisions = [filt.is_flagged(t) for t in texts]
+    assert decisions == [slow_flag(t) for t in texts]
+    assert decisions == [bool(filt.explain(t).rules) for t in texts]
+    assert 0 < sum(decisions) < len(texts)
