@@ -253,3 +253,22 @@ def test_fast_matcher_agrees_with_per_category_search(filt):
     assert decisions == [slow_flag(t) for t in texts]
     assert decisions == [bool(filt.explain(t).rules) for t in texts]
     assert 0 < sum(decisions) < len(texts)
+
+
+def test_filter_reads_gz_and_parquet_like_jsonl(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = write_corpus(tmp_path / "in.jsonl")
+    filter_corpus([src], str(tmp_path / "ref"), progress=False)
+    with open(src, "rb") as f, gzip.open(tmp_path / "in.jsonl.gz", "wb") as g:
+        g.write(f.read())
+    rows = [json.loads(line) for line in open(src)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    for name in ("in.jsonl.gz", "in.parquet"):
+        report = filter_corpus([str(tmp_path / name)], str(tmp_path / name.replace(".", "_")), progress=False)
+        assert report["flagged"] == 3
+        for out in ("retained.jsonl", "flagged.jsonl"):
+            assert jsonl(tmp_path / name.replace(".", "_") / out) == jsonl(tmp_path / "ref" / out)
