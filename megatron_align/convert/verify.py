@@ -148,10 +148,11 @@ def verify_checkpoint_against_hf(checkpoint_dir: str | Path, hf_dir: str | Path,
     sides then compute in fp32 with the same weights and the fp32 threshold applies.
     Runs in a subprocess when this process already has a process group (e.g. the trainer).
     """
+    from megatron_align.checkpoint.dist_ckpt import load_checkpoint, resolve_checkpoint
+
+    checkpoint_dir = resolve_checkpoint(checkpoint_dir)
     if torch.distributed.is_initialized():
         return _verify_in_subprocess(checkpoint_dir, hf_dir, vocab_size, round_to, threshold, batch, seq)
-    from megatron_align.checkpoint.dist_ckpt import load_checkpoint
-
     from .export import checkpoint_config
     from .reader import TorchDistReader
     from .layouts import EMBEDDING
