@@ -31,6 +31,7 @@ def _train(args) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from megatron_align.checkpoint.dist_ckpt import CheckpointError
     from megatron_align.training.trainer import TrainingStopped
 
     try:
@@ -38,6 +39,10 @@ def _train(args) -> int:
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except (ConfigError, CheckpointError, ValueError) as err:
+        # bad input found after start-up (mixture files, checkpoints): one message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

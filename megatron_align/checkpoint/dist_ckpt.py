@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
@@ -239,7 +240,7 @@ def load_checkpoint(checkpoint_dir: str | Path, model_chunks, optimizer=None, sc
     try:
         with torch.no_grad():
             loaded = dist_checkpointing.load(state, str(checkpoint_dir))
-    except Exception as err:  # corrupt/missing shard files
+    except (Exception, TorchCheckpointException) as err:  # corrupt/missing shard files
         raise CheckpointError(f"{checkpoint_dir}: cannot load ({type(err).__name__}: {err})") from err
     chunks = [_unwrap(c) for c in model_chunks]
     model_state = loaded["model"]

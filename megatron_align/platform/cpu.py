@@ -106,16 +106,18 @@ def activate() -> bool:
 
 def _rewrite_module(module: types.ModuleType) -> list[str]:
     source = inspect.getsource(module)
-    tree = ast.parse(source)
+    if not _ANY_CUDA_SITE.search(source):
+        return []
+    lines = source.splitlines(keepends=True)
     rewritten = []
-    for qualname, node, owner in _function_defs(tree):
-        segment = ast.get_source_segment(source, node, padded=False)
-        if segment is None or not _ANY_CUDA_SITE.search(segment):
+    for qualname, node, owner in _function_defs(ast.parse(source)):
+        segment = "".join(lines[node.lineno - 1:node.end_lineno])
+        if not _ANY_CUDA_SITE.search(segment):
             continue
         function = _resolve(module, qualname)
         if function is None:
             continue
-        function.__code__ = _recompile(segment, node, owner, function, module.__file__)
+        function.__code__ = _recompile(segment, node, function, module.__file__)
         rewritten.append(f"{module.__name__}.{qualname}")
     return rewritten
 
@@ -145,7 +147,7 @@ def _resolve(module, qualname):
     return obj if isinstance(obj, types.FunctionType) else None
 
 
-def _recompile(segment: str, node, owner, function, filename: str) -> types.CodeType:
+def _recompile(segment: str, node, function, filename: str) -> types.CodeType:
     new_source = textwrap.dedent(segment)
     for pattern, replacement in CUDA_TO_CPU:
         new_source = re.sub(pattern, replacement, new_source)

@@ -138,6 +138,7 @@ class Trainer:
 
         num_train_samples = config.train.iterations * config.train.global_batch_size
         self.data = build_training_data(config, num_train_samples, config.model.vocab_size)
+        config.model.vocab_size = self.data.vocab_size  # config.yaml and checkpoints: resolved
         self.state.tokens_by_category = {c: 0 for c in self.data.categories}
 
         self.tf_config = transformer_config(config)
@@ -161,6 +162,7 @@ class Trainer:
         self.num_parameters = self._count_parameters()
 
         self.restored_from = self._restore()
+        self._apply_configured_lr()
         self.metrics = MetricsWriter(str(self.run_dir), enabled=self.rank == 0,
                                      tensorboard=config.logging.tensorboard,
                                      wandb_project=config.logging.wandb_project,
@@ -241,6 +243,13 @@ class Trainer:
                            f"starting at step {self.state.iteration}")
             return str(source)
         return None
+
+    def _apply_configured_lr(self) -> None:
+        """Loaded optimizer state carries the saved run's max/min LR in its param groups; the
+        configured schedule wins (an LR restart when chaining stages, a no-op on plain resume)."""
+        for group in self.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = self.config.optim.lr, self.config.optim.min_lr
+        self.scheduler.step(increment=0)
 
     def _adopt(self, meta: CheckpointMeta) -> None:
         self.state.iteration = meta.iteration
