@@ -46,7 +46,9 @@ def token_dtype(vocab_size: int):
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_path: str, eod_token: Optional[str], text_field: str, dtype_name: str) -> None:
+def _init_worker(tokenizer_path: str, eod_token: Optional[str], text_field: str, dtype_name: str, in_pool: bool) -> None:
+    if in_pool:  # one tokenizer thread per worker process; N workers already use N cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tok"] = load_tokenizer(tokenizer_path, eod_token)
     _WORKER["text_field"] = text_field
     _WORKER["dtype"] = np.dtype(dtype_name)
@@ -160,7 +162,7 @@ def tokenize_to_prefix(
     )
     started = time.perf_counter()
     last_line = {}
-    init_args = (tokenizer_path, eod_token, text_field, np.dtype(dtype).name)
+    init_args = (tokenizer_path, eod_token, text_field, np.dtype(dtype).name, workers > 1)
     encoded = ordered_map(_encode_batch, _batches(files, text_field, ranges), workers, _init_worker, init_args, use_spawn)
     try:
         for meta, (flat, lengths, bad) in encoded:
