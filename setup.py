@@ -13,7 +13,7 @@ else:
 
 EXTRAS = {
     "hf": ["transformers>=4.46", "safetensors>=0.4"],
-    "eval": ["lm-eval==0.4.13", "transformers>=4.46"],
+    "eval": ["lm-eval==0.4.13", "transformers>=4.46", "accelerate>=1.0", "datasets"],
     "mpi": ["mpi4py>=4.0", "mpich>=4.0"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3"],
 }
@@ -28,7 +28,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_align", "megatron_align.*", "data_tools", "data_tools.*"]),
     include_package_data=True,
-    package_data={"megatron_align": ["resources/**/*"], "data_tools": ["terms/*.txt"]},
+    package_data={
+        "megatron_align": ["resources/**/*", "evals/lm_eval_tasks/*.yaml"],
+        "data_tools": ["terms/*.txt"],
+    },
     install_requires=[
         "torch>=2.4",
         MEGATRON_CORE,
