@@ -30,8 +30,6 @@ class ParallelLayout:
 
 def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
     """Reject every invalid combination with a message that shows the numbers."""
-    from megatron_align.platform import cuda_absent
-
     par, train = config.parallel, config.train
     arch = resolve_architecture(config.model)
     for key, value in (("parallel.tensor", par.tensor), ("parallel.pipeline", par.pipeline),
@@ -87,10 +85,13 @@ def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
         )
     if par.sequence_parallel and par.tensor == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
-    if par.sequence_parallel and cuda_absent():
+    if par.sequence_parallel:
         from megatron_align.platform import refuse_sequence_parallel
 
-        refuse_sequence_parallel(True)
+        try:
+            refuse_sequence_parallel(True)
+        except ValueError as err:
+            raise ConfigError(f"parallel.{err}") from None
     if config.optim.min_lr > config.optim.lr:
         raise ConfigError(f"optim.min_lr={config.optim.min_lr} exceeds optim.lr={config.optim.lr}")
     if not 0 <= config.optim.warmup_fraction <= 1:
