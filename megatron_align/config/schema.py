@@ -16,6 +16,9 @@ class ModelConfig:
     num_query_groups: Optional[int] = None
     ffn_hidden_size: Optional[int] = None
     tie_embeddings: Optional[bool] = None
+    rotary_percent: Optional[float] = None
+    rotary_base: Optional[float] = None
+    layernorm_epsilon: Optional[float] = None
     vocab_size: Optional[int] = None  # unpadded; defaults to the tokenizer's (or 50277)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02

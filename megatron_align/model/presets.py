@@ -78,8 +78,9 @@ def resolve_architecture(model: ModelConfig) -> Architecture:
                      "ffn_hidden_size")
         if getattr(model, name) is not None
     }
-    if model.tie_embeddings is not None:
-        overrides["tie_embeddings"] = model.tie_embeddings
+    for name in ("tie_embeddings", "rotary_percent", "rotary_base", "layernorm_epsilon"):
+        if getattr(model, name) is not None:
+            overrides[name] = getattr(model, name)
     arch = dataclasses.replace(sizes[model.size], **overrides)
     if arch.hidden_size % arch.num_attention_heads:
         raise ConfigError(
@@ -95,5 +96,10 @@ def resolve_architecture(model: ModelConfig) -> Architecture:
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    multiple = divisible_by * tensor_parallel
+    """Round up to ``divisible_by``; only when TP does not divide that, to ``divisible_by * TP``.
+
+    Unlike Megatron-LM's ``divisible_by * TP`` rule this keeps the padded size (and therefore the
+    checkpoint's embedding shape) the same at TP = 1, 2, 4, 8, so checkpoints reshard freely.
+    """
+    multiple = divisible_by if divisible_by % tensor_parallel == 0 else divisible_by * tensor_parallel
     return ((vocab_size + multiple - 1) // multiple) * multiple

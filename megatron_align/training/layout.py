@@ -96,6 +96,8 @@ def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
         raise ConfigError(f"optim.min_lr={config.optim.min_lr} exceeds optim.lr={config.optim.lr}")
     if not 0 <= config.optim.warmup_fraction <= 1:
         raise ConfigError(f"optim.warmup_fraction={config.optim.warmup_fraction} must be in [0, 1]")
+    if config.checkpoint.export_hf_every_save and not config.data.tokenizer:
+        raise ConfigError("checkpoint.export_hf_every_save needs data.tokenizer (the export ships it)")
     warmup = config.optim.warmup_iters
     if warmup is not None and train.iterations > 0 and not 0 <= warmup < train.iterations:
         raise ConfigError(f"optim.warmup_iters={warmup} must be in [0, train.iterations="

@@ -279,6 +279,15 @@ class Trainer:
                                keep_every=self.config.checkpoint.keep_every)
         self._last_save_time = time.time()
         self._announce(f"saved {path} (step {self.state.iteration})")
+        if self.config.checkpoint.export_hf_every_save:
+            if self.rank == 0:  # synchronous: retention must not delete it mid-export
+                from megatron_align.convert import export_checkpoint
+
+                export = export_checkpoint(path, self.run_dir / "hf" / path.name,
+                                           tokenizer=self.config.data.tokenizer, verify=False,
+                                           progress=False)
+                print(export.summary(), flush=True)
+            torch.distributed.barrier()
         return path
 
     # -------------------------------------------------------------------------------- train
