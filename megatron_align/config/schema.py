@@ -87,7 +87,6 @@ class CheckpointConfig:
     init_from: Optional[str] = None  # checkpoint dir to start a new run/stage from
     init_load_optimizer: bool = False
     init_reset_iteration: bool = True
-    async_save: bool = False  # GPU only
     export_hf_every_save: bool = False
 
 

@@ -228,8 +228,11 @@ class Trainer:
         if latest is not None:  # resume this run
             meta = load_checkpoint(latest, self.model, self.optimizer, self.scheduler)
             self._adopt(meta)
+            same_world = meta.layout.get("world_size") == self.layout.world_size
+            rng = "rng" if same_world else "rng re-seeded: world size changed"
             self._announce(f"resumed from {latest} at step {meta.iteration} "
-                           f"({meta.consumed_samples} samples, model+optimizer+scheduler+rng)")
+                           f"({meta.consumed_samples} samples; model+optimizer+scheduler+{rng}; "
+                           f"saved at {meta.layout}, now {self.layout.describe()})")
             return str(latest)
         if ckpt.init_from:  # start a new run / stage from another run's weights
             source = resolve_checkpoint(ckpt.init_from)
