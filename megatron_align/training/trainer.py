@@ -301,15 +301,7 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=microbatch_iterators(batches, len(self.model)),
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=layout.num_microbatches,
-            seq_length=self.config.train.seq_length,
-            micro_batch_size=layout.micro_batch_size,
-            forward_only=False,
-        )
+        losses = self._forward_backward(batches, forward_only=False)
         loss = self._reduce_loss(losses)
         grads_finite = self._grads_finite()
         grad_norm = float("nan")
@@ -332,15 +324,35 @@ class Trainer:
         state.consumed_samples += gbs
         state.consumed_tokens += gbs * seq
 
-    def _reduce_loss(self, losses: list) -> float:
-        """Per-token mean over the global batch, known on every rank."""
+    def _forward_backward(self, batches: list[dict], forward_only: bool) -> list:
+        return get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=microbatch_iterators(batches, len(self.model)),
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.layout.num_microbatches,
+            seq_length=self.config.train.seq_length,
+            micro_batch_size=self.layout.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _loss_and_tokens(self, losses: list) -> torch.Tensor:
+        """[loss sum, token count] of this rank's micro-batches (zero off the last stage and on
+        TP ranks > 0, so that an all-reduce over the world counts every token once)."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
                 parallel_state.get_tensor_model_parallel_rank() == 0:
             for item in losses:
                 total += item["lm loss"].to(torch.float64)
+        return total
+
+    @staticmethod
+    def _mean_over_world(total: torch.Tensor) -> float:
         torch.distributed.all_reduce(total)
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+    def _reduce_loss(self, losses: list) -> float:
+        """Per-token mean over the global batch, known on every rank."""
+        return self._mean_over_world(self._loss_and_tokens(losses))
 
     def _grads_finite(self) -> bool:
         finite = all(bool(torch.isfinite(buffer.grad_data).all())
@@ -455,21 +467,8 @@ class Trainer:
             for start in range(0, min(needed, len(dataset)) - self.layout.global_batch_size + 1,
                                self.layout.global_batch_size):
                 batches = step_microbatches(dataset, self.layout, start, self.dp_rank, self.device)
-                losses = get_forward_backward_func()(
-                    forward_step_func=_forward_step,
-                    data_iterator=microbatch_iterators(batches, len(self.model)),
-                    model=self.model if len(self.model) > 1 else self.model[0],
-                    num_microbatches=self.layout.num_microbatches,
-                    seq_length=self.config.train.seq_length,
-                    micro_batch_size=self.layout.micro_batch_size,
-                    forward_only=True,
-                )
-                if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
-                        parallel_state.get_tensor_model_parallel_rank() == 0:
-                    for item in losses:
-                        total += item["lm loss"].to(torch.float64)
-            torch.distributed.all_reduce(total)
-            results[name] = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+                total += self._loss_and_tokens(self._forward_backward(batches, forward_only=True))
+            results[name] = self._mean_over_world(total)
         for chunk in self.model:
             chunk.train()
         return results
