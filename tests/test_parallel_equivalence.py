@@ -68,3 +68,17 @@ def test_tp2_pp2_on_four_processes(reference):
     run_cli("train", f"run_dir={run_dir}", f"checkpoint.init_from={init}", *COMMON,
             *PRESETS["gpt-neox"], "parallel.tensor=2", "parallel.pipeline=2", nproc=4)
     _assert_same_trajectory(losses(run_dir), expected)
+
+
+def test_interleaved_pipeline_matches_single_process(tmp_path):
+    """Virtual pipeline (interleaved 1F1B): PP=3 x VPP=2 over 6 layers on 3 processes."""
+    six_layers = ["model.num_layers=6", "train.global_batch_size=6"]
+    init = tmp_path / "init"
+    run_cli("train", f"run_dir={init}", "train.iterations=0", "logging.progress_bar=false", *six_layers)
+    common = [a for a in COMMON if not a.startswith("train.global_batch_size")] + six_layers
+    ref = tmp_path / "ref"
+    run_cli("train", f"run_dir={ref}", f"checkpoint.init_from={init}", *common)
+    vpp = tmp_path / "vpp"
+    run_cli("train", f"run_dir={vpp}", f"checkpoint.init_from={init}", *common,
+            "parallel.pipeline=3", "parallel.virtual_pipeline=2", nproc=3)
+    _assert_same_trajectory(losses(vpp), losses(ref))

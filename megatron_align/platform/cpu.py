@@ -56,7 +56,12 @@ CUDA_TO_CPU = (
     (r"([\"'])torch\.cuda\.(\w+Tensor)\1", r"\1torch.\2\1"),
     (r"torch\.cuda\.(get_rng_state|set_rng_state|manual_seed)\(", r"torch.\1("),
 )
-_ANY_CUDA_SITE = re.compile("|".join(f"(?:{pattern})" for pattern, _ in CUDA_TO_CPU))
+_CUDA_SITES = [re.compile(pattern) for pattern, _ in CUDA_TO_CPU]
+
+
+def _has_cuda_site(text: str) -> bool:
+    # one regex per pattern: joined into one alternation, their backreferences would shift
+    return any(pattern.search(text) for pattern in _CUDA_SITES)
 
 
 def _get_cpu_rng_state(device="cuda", clone=False, graph_safe=False):
@@ -106,13 +111,13 @@ def activate() -> bool:
 
 def _rewrite_module(module: types.ModuleType) -> list[str]:
     source = inspect.getsource(module)
-    if not _ANY_CUDA_SITE.search(source):
+    if not _has_cuda_site(source):
         return []
     lines = source.splitlines(keepends=True)
     rewritten = []
     for qualname, node, owner in _function_defs(ast.parse(source)):
         segment = "".join(lines[node.lineno - 1:node.end_lineno])
-        if not _ANY_CUDA_SITE.search(segment):
+        if not _has_cuda_site(segment):
             continue
         function = _resolve(module, qualname)
         if function is None:

@@ -63,8 +63,11 @@ def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
     if par.virtual_pipeline is not None:
         if par.virtual_pipeline < 2:
             raise ConfigError(f"parallel.virtual_pipeline={par.virtual_pipeline}: use null or >= 2")
-        if par.pipeline < 2:
-            raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline >= 2")
+        if par.pipeline < 3:
+            # With two stages the previous and next rank are the same peer, and the interleaved
+            # schedule's simultaneous sends/receives to it can pair up wrongly (seen on gloo).
+            raise ConfigError(f"parallel.virtual_pipeline needs parallel.pipeline >= 3 "
+                              f"(got {par.pipeline})")
     stages = par.pipeline * (par.virtual_pipeline or 1)
     if arch.num_layers % stages:
         raise ConfigError(
