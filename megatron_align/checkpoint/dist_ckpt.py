@@ -252,6 +252,7 @@ def load_checkpoint(checkpoint_dir: str | Path, model_chunks, optimizer=None, sc
     if optimizer is not None:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:
@@ -259,24 +260,32 @@ def load_checkpoint(checkpoint_dir: str | Path, model_chunks, optimizer=None, sc
     return meta
 
 
-def _init_optimizer_state(optimizer) -> None:
-    """torch's Adam creates its state lazily; megatron-core's loader needs it to exist."""
+def _torch_optimizers(optimizer):
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        init = getattr(inner, "init_state_fn", None)
         torch_opt = getattr(inner, "optimizer", None)
-        if init is None or torch_opt is None:
+        if torch_opt is not None:
+            yield inner, torch_opt
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core's distributed optimizer (without apex/TE) restores torch Adam's per-parameter
+    'step' as ONE tensor shared by every parameter; torch increments it in place once per
+    parameter, so bias correction would run ahead after a resume. Give each its own copy."""
+    for _, torch_opt in _torch_optimizers(optimizer):
+        for state in torch_opt.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """torch's Adam creates its state lazily; megatron-core's loader needs every tensor (and, for
+    the distributed optimizer without apex/TE, the 'step' counter) to exist before loading."""
+    for inner, torch_opt in _torch_optimizers(optimizer):
+        init = getattr(inner, "init_state_fn", None)
+        if init is None:
             continue
-        for group in torch_opt.param_groups:
-            for param in group["params"]:
-                if len(torch_opt.state[param]) == 0:
-                    init(torch_opt, getattr(inner, "config", None)) if _takes_two(init) else init(torch_opt)
-                    break
-
-
-def _takes_two(fn) -> bool:
-    import inspect
-
-    try:
-        return len(inspect.signature(fn).parameters) >= 2
-    except (TypeError, ValueError):
-        return False
+        init(torch_opt, getattr(inner, "config", None))
+        if isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in torch_opt.param_groups:
+                for param in group["params"]:
+                    torch_opt.state[param].setdefault("step", torch.tensor(0.0))
