@@ -50,6 +50,7 @@ stages:
     args = [f"train.iterations={STEPS}", f"train.seq_length={SEQ}", f"train.global_batch_size={GBS}",
             "train.micro_batch_size=2", "parallel.tensor=2", "data.source=mixture",
             f"data.mixture={mixture}", "optim.lr=0.01", "optim.warmup_iters=1",
+            "train.eval_interval=4", "train.eval_iters=1", "data.valid_samples_per_category=8",
             "logging.progress_bar=false"]
     uninterrupted = root / "uninterrupted"
     run_cli("train", f"run_dir={uninterrupted}", *args, nproc=2)
@@ -103,6 +104,13 @@ def test_tokens_by_category_follow_the_blend_index(setup):
     for record in expected:
         counts = np.bincount(ids[: record["step"] * GBS], minlength=len(datasets.categories))
         assert record["tokens_by_category"] == {c: int(n) * SEQ for c, n in zip(datasets.categories, counts)}
+    # validation loss per category (held-out documents of each category's sources)
+    evaluated = [r for r in expected if "valid_loss_by_category" in r]
+    assert [r["step"] for r in evaluated] == [4, 8]
+    for record in evaluated:
+        losses = record["valid_loss_by_category"]
+        assert set(losses) == {"base", "aligned_discourse"} and all(0 < v < 10 for v in losses.values())
+    assert evaluated[1]["valid_loss_by_category"]["base"] < evaluated[0]["valid_loss_by_category"]["base"]
     # the discourse window is the second half: none before it, some inside it
     first_half = expected[STEPS // 2 - 1]["tokens_by_category"]
     assert first_half["aligned_discourse"] == 0
