@@ -6,7 +6,6 @@ what an uninterrupted run would — plus the category of every sample.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,17 +13,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from data_tools.errors import DataToolsError
+from data_tools.stats import read_stats, stats_path
 from megatron_align.config import ConfigError, RunConfig
+from megatron_align.data.mixture_dataset import DatasetTokenizer, build_mixture_datasets
 
 SYNTHETIC_VOCAB_SIZE = 512
-
-
-@dataclass
-class DatasetTokenizer:
-    """The two facts megatron-core's GPTDataset needs from a tokenizer."""
-
-    vocab_size: int
-    eod: int
 
 
 @dataclass
@@ -75,16 +69,6 @@ def _single_category(start: int, stop: int) -> np.ndarray:
     return np.zeros(stop - start, dtype=np.int16)
 
 
-def read_stats_sidecar(prefix: str) -> dict:
-    path = Path(prefix + ".stats.json")
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: invalid JSON ({err})") from None
-
-
 def _indexed(config: RunConfig, num_train_samples: int, vocab_size: Optional[int]) -> TrainingData:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -95,7 +79,11 @@ def _indexed(config: RunConfig, num_train_samples: int, vocab_size: Optional[int
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise ConfigError(f"data.prefix: {prefix + suffix} does not exist")
-    stats = read_stats_sidecar(prefix)
+    # datasets made by other tools have no sidecar: then model.vocab_size must be given
+    try:
+        stats = read_stats(prefix) if Path(stats_path(prefix)).is_file() else {}
+    except DataToolsError as err:
+        raise ConfigError(f"data.prefix: {err}") from None
     tokenizer_stats = stats.get("tokenizer", {})
     vocab = vocab_size or tokenizer_stats.get("vocab_size")
     if vocab is None:
@@ -107,7 +95,7 @@ def _indexed(config: RunConfig, num_train_samples: int, vocab_size: Optional[int
         sequence_length=config.train.seq_length,
         blend=([prefix], None),
         split="100,0,0",
-        tokenizer=DatasetTokenizer(vocab_size=vocab, eod=eod),
+        tokenizer=DatasetTokenizer(vocab, eod, tokenizer_stats.get("sha256", "unknown")),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -129,8 +117,6 @@ def _cache_dir(config: RunConfig) -> Optional[str]:
 
 
 def _mixture(config: RunConfig) -> TrainingData:
-    from megatron_align.data.mixture_dataset import build_mixture_datasets
-
     if not config.data.mixture:
         raise ConfigError("data.source=mixture needs data.mixture (a mixture YAML)")
     datasets = build_mixture_datasets(

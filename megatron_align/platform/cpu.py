@@ -115,7 +115,7 @@ def _rewrite_module(module: types.ModuleType) -> list[str]:
         return []
     lines = source.splitlines(keepends=True)
     rewritten = []
-    for qualname, node, owner in _function_defs(ast.parse(source)):
+    for qualname, node in _function_defs(ast.parse(source)):
         segment = "".join(lines[node.lineno - 1:node.end_lineno])
         if not _has_cuda_site(segment):
             continue
@@ -128,14 +128,14 @@ def _rewrite_module(module: types.ModuleType) -> list[str]:
 
 
 def _function_defs(tree: ast.Module):
-    """Yield (qualname, FunctionDef, enclosing ClassDef or None) for module- and class-level defs."""
+    """Yield (qualname, FunctionDef) for module- and class-level defs."""
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node.name, node, None
+            yield node.name, node
         elif isinstance(node, ast.ClassDef):
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    yield f"{node.name}.{item.name}", item, node
+                    yield f"{node.name}.{item.name}", item
 
 
 def _resolve(module, qualname):
