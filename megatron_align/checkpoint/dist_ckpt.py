@@ -91,6 +91,14 @@ def read_meta(checkpoint_dir: str | Path) -> CheckpointMeta:
     return CheckpointMeta(**raw)
 
 
+def stored_run_config(checkpoint_dir: str | Path):
+    """The resolved run config a checkpoint was saved with (meta.json), as a RunConfig."""
+    from megatron_align.config import RunConfig, from_dict
+
+    meta = read_meta(checkpoint_dir)
+    return from_dict(RunConfig, meta.config, source=f"{checkpoint_dir}/{META_FILE}")
+
+
 def model_sharded_state_dict(model_chunks) -> dict:
     """All chunks under one 'model.' prefix: dist_checkpointing keys are global layer names, so a
     checkpoint saved with one TP/PP/VPP layout loads under another."""

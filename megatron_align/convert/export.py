@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from megatron_align.checkpoint.dist_ckpt import read_meta, resolve_checkpoint
-from megatron_align.config import RunConfig, from_dict
+from megatron_align.checkpoint.dist_ckpt import read_meta, resolve_checkpoint, stored_run_config
+from megatron_align.config import RunConfig
 from megatron_align.model.presets import Architecture, resolve_architecture
 
 from .errors import ConvertError, VerificationFailed
@@ -27,6 +27,7 @@ from .layouts import (EMBEDDING, LAYER_PREFIX, OUTPUT, expected_layer_shapes, gl
                       layer_keys, layout_for)
 from .reader import TorchDistReader
 from .safetensors_stream import PlannedTensor, ShardedSafetensorsWriter, parse_size
+from .verify import verify_line
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VERIFY_FILE = "verify.json"
@@ -53,17 +54,13 @@ class ExportResult:
                  f"  time           {self.seconds:.1f} s (weights streamed at "
                  f"{self.weight_bytes / 1e6 / max(self.weights_seconds, 1e-9):,.0f} MB/s)"]
         if self.verify is not None:
-            v = self.verify
-            lines.append(f"  verify         {'PASSED' if v['passed'] else 'FAILED'}: max |dlogit| "
-                         f"{v['max_abs_diff']:.2e} (threshold {v['threshold']:.0e}), mean KL "
-                         f"{v['mean_kl']:.2e}, top-1 agreement {100 * v['top1_agreement']:.1f}%")
+            lines.append(verify_line(self.verify))
         lines += [f"  note           {note}" for note in self.notes]
         return "\n".join(lines)
 
 
 def checkpoint_config(checkpoint_dir: str | Path) -> tuple[RunConfig, object]:
-    meta = read_meta(checkpoint_dir)
-    return from_dict(RunConfig, meta.config, source=f"{checkpoint_dir}/meta.json"), meta
+    return stored_run_config(checkpoint_dir), read_meta(checkpoint_dir)
 
 
 def check_checkpoint_matches(reader: TorchDistReader, arch: Architecture, checkpoint_dir: Path) -> None:

@@ -26,7 +26,7 @@ from megatron_align.model.presets import SIZES, padded_vocab_size, resolve_archi
 
 from .errors import ConvertError, VerificationFailed
 from .layouts import (EMBEDDING, HF_MODEL_TYPES, LAYER_PREFIX, LOCAL_SPEC_NAMES, layout_for)
-from .verify import DEFAULT_THRESHOLD
+from .verify import DEFAULT_THRESHOLD, verify_line
 
 IMPORT_REPORT = "import.json"
 VERIFY_FILE = "verify.json"
@@ -52,10 +52,7 @@ class ImportResult:
                  f"  checkpoint     {self.checkpoint_dir}",
                  f"  continue with  megatron-align train run_dir=NEW_RUN checkpoint.init_from={self.out_dir}"]
         if self.verify is not None:
-            v = self.verify
-            lines.append(f"  verify         {'PASSED' if v['passed'] else 'FAILED'}: max |dlogit| "
-                         f"{v['max_abs_diff']:.2e} (threshold {v['threshold']:.0e}), mean KL "
-                         f"{v['mean_kl']:.2e}, top-1 agreement {100 * v['top1_agreement']:.1f}%")
+            lines.append(verify_line(self.verify))
         lines += [f"  note           {note}" for note in self.notes]
         return "\n".join(lines)
 

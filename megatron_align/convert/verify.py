@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -24,9 +23,16 @@ from typing import Optional
 import torch
 
 from megatron_align.config import ParallelConfig, RunConfig
+from megatron_align.platform import free_port
 
 DEFAULT_THRESHOLD = 1e-3  # max |logit diff| in fp32
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def verify_line(v: dict) -> str:
+    return (f"  verify         {'PASSED' if v['passed'] else 'FAILED'}: max |dlogit| "
+            f"{v['max_abs_diff']:.2e} (threshold {v['threshold']:.0e}), mean KL "
+            f"{v['mean_kl']:.2e}, top-1 agreement {100 * v['top1_agreement']:.1f}%")
 
 
 def single_process_config(config: RunConfig, vocab_size: int, padded_rows: int) -> RunConfig:
@@ -44,12 +50,6 @@ def single_process_config(config: RunConfig, vocab_size: int, padded_rows: int) 
     return config
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def megatron_single_process(config: RunConfig):
     """A gloo (or NCCL) world of one with megatron-core's parallel state, torn down afterwards."""
@@ -59,7 +59,7 @@ def megatron_single_process(config: RunConfig):
         raise RuntimeError("a process group is already initialised; run this in a fresh process")
     saved = {key: os.environ.get(key) for key in _ENV_KEYS}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         init_distributed(config)
         yield

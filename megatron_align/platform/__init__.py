@@ -11,9 +11,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def free_port() -> int:
+    """An unused local TCP port for a single-process rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def distributed_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-__all__ = ["activate_cpu_runtime", "cuda_absent", "device", "distributed_backend",
+__all__ = ["activate_cpu_runtime", "cuda_absent", "device", "distributed_backend", "free_port",
            "refuse_sequence_parallel"]

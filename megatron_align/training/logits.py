@@ -14,15 +14,14 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_align.checkpoint.dist_ckpt import load_checkpoint, read_meta, resolve_checkpoint
-from megatron_align.config import RunConfig, from_dict, load_config
+from megatron_align.checkpoint.dist_ckpt import load_checkpoint, resolve_checkpoint, stored_run_config
+from megatron_align.config import RunConfig, load_config
 from megatron_align.model.build import build_model_chunks, transformer_config
 
 
 def checkpoint_run_config(checkpoint_dir, overrides=()) -> RunConfig:
     """The run config stored in a checkpoint, with ``key=value`` overrides (e.g. parallel.*)."""
-    stored = read_meta(checkpoint_dir).config
-    config = from_dict(RunConfig, stored, source=f"{checkpoint_dir}/meta.json")
+    config = stored_run_config(checkpoint_dir)
     if overrides:
         base = load_config(RunConfig, None, overrides)
         for section, key in (item.split("=", 1)[0].split(".", 1) for item in overrides):

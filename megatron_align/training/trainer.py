@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ def init_distributed(config: RunConfig) -> ParallelLayout:
     """Process group (NCCL on GPU, gloo on CPU) and megatron-core's parallel state."""
     if "RANK" not in os.environ:  # a plain `python` process: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(platform.free_port()))
     world_size = int(os.environ["WORLD_SIZE"])
     layout = check_run_config(config, world_size)
     if torch.cuda.is_available():
@@ -84,12 +83,6 @@ def init_distributed(config: RunConfig) -> ParallelLayout:
     tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
     torch.manual_seed(config.train.seed)  # identical CPU-side init on every rank
     return layout
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def shutdown_distributed() -> None:
