@@ -9,12 +9,13 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,8 +57,13 @@ def main():
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             time.sleep(delay)
             killed = proc.poll() is None
-            if killed:
-                os.killpg(proc.pid, signal.SIGKILL)
+            if killed:  # the launcher, torchrun and every rank (ranks run in their own sessions)
+                parent = psutil.Process(proc.pid)
+                for process in [parent, *parent.children(recursive=True)]:
+                    try:
+                        process.kill()
+                    except psutil.NoSuchProcess:
+                        pass
             proc.wait()
             partial = [p.name for p in (run_dir / "checkpoints").glob(".iter_*.partial")] if killed else []
             subprocess.run(train_command(run_dir, args.steps, args.nproc), env=env, check=True, capture_output=True)

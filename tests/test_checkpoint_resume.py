@@ -81,6 +81,18 @@ def _wait_for(predicate, proc, timeout=240):
     return False
 
 
+def _kill_job(proc) -> None:
+    """SIGKILL the launcher, torchrun and every rank at once (torchrun starts ranks in their own
+    sessions, so killing the launcher's process group alone would orphan them)."""
+    parent = psutil.Process(proc.pid)
+    for process in [parent, *parent.children(recursive=True)]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def _logged_steps(run_dir) -> int:
     path = Path(run_dir) / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -123,8 +135,7 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(setup):
     kill_after = random.Random().randint(2, STEPS - 2)
     proc = _start(run_dir, args, ["checkpoint.save_interval=2"])
     assert _wait_for(lambda: _logged_steps(run_dir) >= kill_after, proc), proc.stdout.read().decode()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_job(proc)
     run_cli("train", f"run_dir={run_dir}", *args, "checkpoint.save_interval=2", nproc=2)
     _assert_identical(run_dir, expected)
 
@@ -139,8 +150,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(setup):
         return (checkpoints / "latest").exists() and any(checkpoints.glob(".iter_*.partial"))
 
     assert _wait_for(saving_after_a_complete_checkpoint, proc), proc.stdout.read().decode()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_job(proc)
     latest = (checkpoints / "latest").read_text().strip()
     assert (checkpoints / latest / "meta.json").is_file()
     partial = [p.name for p in checkpoints.glob(".iter_*.partial")]

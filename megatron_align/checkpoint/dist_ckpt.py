@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
