@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from megatron_align.training.launch import kill_process_tree  # noqa: E402
 
 
 def train_command(run_dir, steps, nproc):
@@ -57,13 +57,8 @@ def main():
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             time.sleep(delay)
             killed = proc.poll() is None
-            if killed:  # the launcher, torchrun and every rank (ranks run in their own sessions)
-                parent = psutil.Process(proc.pid)
-                for process in [parent, *parent.children(recursive=True)]:
-                    try:
-                        process.kill()
-                    except psutil.NoSuchProcess:
-                        pass
+            if killed:  # the launcher, torchrun and every rank
+                kill_process_tree(proc.pid)
             proc.wait()
             partial = [p.name for p in (run_dir / "checkpoints").glob(".iter_*.partial")] if killed else []
             subprocess.run(train_command(run_dir, args.steps, args.nproc), env=env, check=True, capture_output=True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from helpers import read_metrics, run_cli
+from megatron_align.training.launch import kill_process_tree
 from test_mixture import TOKEN_RANGES, make_source
 
 pytestmark = pytest.mark.multiprocess
@@ -82,14 +83,7 @@ def _wait_for(predicate, proc, timeout=240):
 
 
 def _kill_job(proc) -> None:
-    """SIGKILL the launcher, torchrun and every rank at once (torchrun starts ranks in their own
-    sessions, so killing the launcher's process group alone would orphan them)."""
-    parent = psutil.Process(proc.pid)
-    for process in [parent, *parent.children(recursive=True)]:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_process_tree(proc.pid)
     proc.wait()
 
 

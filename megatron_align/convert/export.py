@@ -284,7 +284,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: Op
                     f"> threshold {threshold:.0e} (mean KL {report['mean_kl']:.3e}, top-1 agreement "
                     f"{100 * report['top1_agreement']:.1f}%); the rejected export and its "
                     f"{VERIFY_FILE} are in {rejected}")
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -292,7 +292,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: Op
                         report, notes, weights_seconds)
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
+def move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with the completed ``staging`` dir (a crash never leaves a half one)."""
     os.chmod(staging, 0o755)  # mkdtemp makes it 0700
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

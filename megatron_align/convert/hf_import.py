@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -25,6 +24,7 @@ from megatron_align.config import ConfigError, ModelConfig, RunConfig, dump_yaml
 from megatron_align.model.presets import SIZES, padded_vocab_size, resolve_architecture
 
 from .errors import ConvertError, VerificationFailed
+from .export import move_into_place
 from .layouts import (EMBEDDING, HF_MODEL_TYPES, LAYER_PREFIX, LOCAL_SPEC_NAMES, layout_for)
 from .verify import DEFAULT_THRESHOLD, verify_line
 
@@ -342,14 +342,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tensor: int = 1, pipeline
                    "target_layout": {"tensor": tensor, "pipeline": pipeline},
                    "num_parameters": num_parameters, "verify": report}
         (staging / IMPORT_REPORT).write_text(json.dumps(summary, indent=2) + "\n")
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

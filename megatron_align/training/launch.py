@@ -35,3 +35,19 @@ def launch_local(config: RunConfig, nproc: int, argv: Sequence[str],
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(torchrun_command(nproc, argv), env=child_env)
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a local launch and every rank it started. torchrun puts each rank in its own
+    session, so killing the launcher's process group alone would orphan the ranks."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for process in [parent, *parent.children(recursive=True)]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
