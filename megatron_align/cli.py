@@ -40,8 +40,10 @@ def _train(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     except (ConfigError, CheckpointError, ValueError) as err:
-        # bad input found after start-up (mixture files, checkpoints): one message, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        # bad input found after start-up (mixture files, checkpoints): one message, no traceback.
+        # Config and checkpoint checks run identically on every rank; rank 0 speaks for them.
+        if os.environ.get("RANK", "0") == "0" or not isinstance(err, (ConfigError, CheckpointError)):
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,6 +7,7 @@ blend index exactly.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,3 +245,39 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert sum(1 for r in records if r.get("skipped")) == 4
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert int(latest.split("_")[1]) == records[-1]["step"]
+
+
+def _rewind(source, run_dir, iteration):
+    """A copy of ``source`` as it was right after saving ``iteration`` (later checkpoints gone)."""
+    shutil.copytree(source, run_dir)
+    for path in (run_dir / "checkpoints").glob("iter_*"):
+        if int(path.name.split("_")[1]) > iteration:
+            shutil.rmtree(path)
+    (run_dir / "checkpoints" / "latest").write_text(f"iter_{iteration:07d}\n")
+
+
+def test_distributed_optimizer_resumes_exactly_and_reshards_across_dp_only(tmp_path):
+    args = ["train.iterations=6", "checkpoint.save_interval=3", "train.global_batch_size=8",
+            "train.micro_batch_size=2", "optim.lr=0.01", "optim.warmup_iters=1",
+            "parallel.distributed_optimizer=true", "logging.progress_bar=false"]
+    full = tmp_path / "full"
+    run_cli("train", f"run_dir={full}", *args, nproc=2)  # DP=2, optimizer state sharded (ZeRO-1)
+    expected = [r["loss"] for r in _trajectory(full)]
+
+    same = tmp_path / "dp2"
+    _rewind(full, same, 3)
+    run_cli("train", f"run_dir={same}", *args, nproc=2)
+    assert [r["loss"] for r in _trajectory(same)] == expected  # bit for bit (Adam step restored)
+
+    fewer = tmp_path / "dp1"
+    _rewind(full, fewer, 3)
+    run_cli("train", f"run_dir={fewer}", *args, nproc=1)
+    assert [r["loss"] for r in _trajectory(fewer)] == pytest.approx(expected, rel=1e-6)
+
+    other_tp = tmp_path / "tp2"
+    _rewind(full, other_tp, 3)
+    result = run_cli("train", f"run_dir={other_tp}", *args, "parallel.tensor=2", nproc=2, check=False)
+    assert result.returncode != 0
+    message = "reshards across data parallel only"
+    assert result.stderr.count(message) == 1, result.stderr[-3000:]
+    assert "tensor/pipeline/virtual 1/1/None cannot be loaded at 2/1/None" in result.stderr

@@ -239,6 +239,7 @@ def load_checkpoint(checkpoint_dir: str | Path, model_chunks, optimizer=None, sc
         if not meta.has_optimizer:
             raise CheckpointError(f"{checkpoint_dir}: saved without optimizer state; "
                                   "load weights only (checkpoint.init_load_optimizer=false)")
+        _check_optimizer_resharding(checkpoint_dir, meta, optimizer)
         _init_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=DIST_OPTIM_METADATA)
@@ -260,12 +261,52 @@ def load_checkpoint(checkpoint_dir: str | Path, model_chunks, optimizer=None, sc
     if optimizer is not None:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_steps(optimizer)
+        _restore_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:
         _restore_rng(loaded["rng"])
     return meta
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(inner, DistributedOptimizer)
+               for inner in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _check_optimizer_resharding(checkpoint_dir: Path, meta: CheckpointMeta, optimizer) -> None:
+    """Say, before megatron-core fails deep in a load, when optimizer state cannot follow a
+    layout change. The replicated optimizer's state is keyed like the model's (reshards to any
+    TP/PP/VPP/DP); the distributed optimizer's ``dp_reshardable`` state follows its gradient
+    buckets, so only DP may change."""
+    saved_distributed = bool(meta.config.get("parallel", {}).get("distributed_optimizer", False))
+    now_distributed = _is_distributed_optimizer(optimizer)
+    weights_only = ("or start a new stage from its weights: checkpoint.init_from=<it> "
+                    "checkpoint.init_load_optimizer=false")
+    if saved_distributed != now_distributed:
+        raise CheckpointError(
+            f"{checkpoint_dir}: optimizer state was saved with parallel.distributed_optimizer="
+            f"{str(saved_distributed).lower()}; the two optimizers store different state layouts. "
+            f"Resume with parallel.distributed_optimizer={str(saved_distributed).lower()}, "
+            f"{weights_only}")
+    if not saved_distributed:
+        return
+    from megatron.core import parallel_state
+
+    saved = {key: meta.layout.get(key) for key in ("tensor", "pipeline", "virtual_pipeline")}
+    now = {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+           "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+           "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size()}
+    if saved != now:
+        raise CheckpointError(
+            f"{checkpoint_dir}: distributed-optimizer state saved at tensor/pipeline/virtual "
+            f"{saved['tensor']}/{saved['pipeline']}/{saved['virtual_pipeline']} cannot be loaded at "
+            f"{now['tensor']}/{now['pipeline']}/{now['virtual_pipeline']}: megatron-core's "
+            f"dp_reshardable format follows the gradient buckets and reshards across data "
+            f"parallel only. Resume with the saved tensor/pipeline sizes (DP may change), "
+            f"{weights_only}")
 
 
 def _torch_optimizers(optimizer):
@@ -275,14 +316,19 @@ def _torch_optimizers(optimizer):
             yield inner, torch_opt
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core's distributed optimizer (without apex/TE) restores torch Adam's per-parameter
-    'step' as ONE tensor shared by every parameter; torch increments it in place once per
-    parameter, so bias correction would run ahead after a resume. Give each its own copy."""
+def _restore_adam_steps(optimizer) -> None:
+    """megatron-core's distributed optimizer keeps Adam's step count in its param groups. Without
+    apex/TE (CPU) torch's Adam wants a per-parameter 'step' tensor, and megatron-core 0.16.1 fills
+    it from the pre-load state (0) and shares one tensor across parameters (torch increments it
+    in place once per parameter). Give each parameter its own tensor holding the saved step."""
     for _, torch_opt in _torch_optimizers(optimizer):
-        for state in torch_opt.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+        for group in torch_opt.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = torch_opt.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def _init_optimizer_state(optimizer) -> None:
@@ -297,3 +343,4 @@ def _init_optimizer_state(optimizer) -> None:
             for group in torch_opt.param_groups:
                 for param in group["params"]:
                     torch_opt.state[param].setdefault("step", torch.tensor(0.0))
+

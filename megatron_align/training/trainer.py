@@ -226,11 +226,6 @@ class Trainer:
             self._announce(f"resumed from {latest} at step {meta.iteration} "
                            f"({meta.consumed_samples} samples; model+optimizer+scheduler+{rng}; "
                            f"saved at {meta.layout}, now {self.layout.describe()})")
-            if self.config.parallel.distributed_optimizer and platform.cuda_absent():
-                self._announce("WARNING: distributed-optimizer state restored without apex/TE "
-                               "(CPU): megatron-core 0.16.1's torch-Adam path does not reproduce "
-                               "the uninterrupted run after resume; use "
-                               "parallel.distributed_optimizer=false on CPU for exact resumes")
             return str(latest)
         if ckpt.init_from:  # start a new run / stage from another run's weights
             source = resolve_checkpoint(ckpt.init_from)
