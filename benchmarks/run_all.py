@@ -17,6 +17,7 @@ BENCHMARKS = {
     "mixture": ["bench_mixture.py"],
     "export": ["bench_export.py"],
     "eval": ["bench_eval.py"],
+    "checkpoint_save": ["bench_checkpoint_save.py"],
     "kill_resume": ["kill_resume_stress.py"],
 }
 

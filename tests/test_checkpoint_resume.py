@@ -135,10 +135,14 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(setup):
     _assert_identical(run_dir, expected)
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(setup):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigkill_during_save_keeps_previous_checkpoint(setup, async_save):
+    """Async: shards are written by a forked process while training goes on; resuming from those
+    checkpoints bit for bit shows each holds the state of its own step."""
     root, args, expected = setup
-    run_dir = root / "kill-in-save"
+    run_dir = root / f"kill-in-save-{'async' if async_save else 'sync'}"
     checkpoints = run_dir / "checkpoints"
+    args = [*args, f"checkpoint.async_save={str(async_save).lower()}"]
     proc = _start(run_dir, args, ["checkpoint.save_interval=1"])
 
     def saving_after_a_complete_checkpoint():
@@ -281,3 +285,21 @@ def test_distributed_optimizer_resumes_exactly_and_reshards_across_dp_only(tmp_p
     message = "reshards across data parallel only"
     assert result.stderr.count(message) == 1, result.stderr[-3000:]
     assert "tensor/pipeline/virtual 1/1/None cannot be loaded at 2/1/None" in result.stderr
+
+
+def test_wall_time_interval_retention_and_time_budget(tmp_path):
+    run_dir = tmp_path / "timed"
+    result = run_cli("train", f"run_dir={run_dir}", "train.iterations=7",
+                     "checkpoint.save_interval_minutes=0", "checkpoint.keep_last=2",
+                     "checkpoint.keep_every=3", "logging.progress_bar=false")
+    # a save after every step (the interval has always elapsed); kept: the newest two + every 3rd
+    assert result.stdout.count("[megatron-align] saved ") == 7
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+    assert kept == ["iter_0000003", "iter_0000006", "iter_0000007"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000007"
+
+    budget = tmp_path / "budget"
+    result = run_cli("train", f"run_dir={budget}", "train.iterations=7",
+                     "train.exit_duration_minutes=0", "logging.progress_bar=false")
+    assert "stopping at step 1 (exit_duration_minutes)" in result.stdout
+    assert (budget / "checkpoints" / "latest").read_text().strip() == "iter_0000001"

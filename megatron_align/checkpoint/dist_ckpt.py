@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -174,8 +174,18 @@ def _is_rank0() -> bool:
 
 
 def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chunks,
-                    optimizer=None, scheduler=None, keep_last: int = 2, keep_every: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    optimizer=None, scheduler=None, keep_last: int = 2, keep_every: int = 0,
+                    async_queue=None, on_complete: Optional[Callable[[Path], None]] = None) -> Path:
+    """Collective: every rank calls it. Returns the directory the checkpoint will have.
+
+    With ``async_queue`` (megatron-core's ``AsyncCallsQueue``) the shards are written by a forked
+    process while training goes on; the checkpoint is renamed into place, ``latest`` updated and
+    ``on_complete`` called only when the queue finalizes the save on every rank. The fork is the
+    snapshot: on GPU megatron-core first copies the tensors to host memory, on CPU the child's
+    copy-on-write view of memory is the state at the moment of the save.
+    """
+    if async_queue is not None:  # one save in flight at a time: this one reuses .partial cleanup
+        async_queue.maybe_finalize_async_calls(blocking=True)
     checkpoints_dir = Path(checkpoints_dir)
     name = checkpoint_name(meta.iteration)
     final = checkpoints_dir / name
@@ -195,18 +205,29 @@ def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chu
     state["rng"] = _rng_sharded_object()
     meta.has_optimizer = optimizer is not None
     meta.saved_at = time.time()
-    dist_checkpointing.save(state, str(partial), content_metadata=DIST_OPTIM_METADATA)
-    torch.distributed.barrier()
-    if _is_rank0():
-        (partial / META_FILE).write_text(json.dumps(meta.__dict__, indent=2, default=str))
-        _fsync_tree(partial)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(checkpoints_dir)
-        _write_atomic(checkpoints_dir / LATEST_FILE, name + "\n")
-        apply_retention(checkpoints_dir, keep_last, keep_every)
-    torch.distributed.barrier()
+
+    def publish() -> None:  # every rank, once all shards are on disk
+        torch.distributed.barrier()
+        if _is_rank0():
+            (partial / META_FILE).write_text(json.dumps(meta.__dict__, indent=2, default=str))
+            _fsync_tree(partial)
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(checkpoints_dir)
+            _write_atomic(checkpoints_dir / LATEST_FILE, name + "\n")
+            apply_retention(checkpoints_dir, keep_last, keep_every)
+        torch.distributed.barrier()
+        if on_complete is not None:
+            on_complete(final)
+
+    request = dist_checkpointing.save(state, str(partial), content_metadata=DIST_OPTIM_METADATA,
+                                      async_sharded_save=async_queue is not None)
+    if async_queue is None:
+        publish()
+    else:
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
     return final
 
 

@@ -88,6 +88,7 @@ class CheckpointConfig:
     init_load_optimizer: bool = False
     init_reset_iteration: bool = True
     export_hf_every_save: bool = False
+    async_save: bool = False  # write shards in a forked process while training goes on
 
 
 @dataclass

@@ -25,6 +25,7 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -128,6 +129,7 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._start_time = time.time()
         self._last_save_time = time.time()
+        self._checkpoint_pause_s: Optional[float] = None
 
         num_train_samples = config.train.iterations * config.train.global_batch_size
         self.data = build_training_data(config, num_train_samples, config.model.vocab_size)
@@ -154,6 +156,7 @@ class Trainer:
         self.tf_config.grad_scale_func = self.optimizer.scale_loss
         self.num_parameters = self._count_parameters()
 
+        self.async_queue = AsyncCallsQueue() if config.checkpoint.async_save else None
         self.restored_from = self._restore()
         self._apply_configured_lr()
         self.metrics = MetricsWriter(str(self.run_dir), enabled=self.rank == 0,
@@ -270,13 +273,23 @@ class Trainer:
             config=to_dict(self.config),
             mixture_hash=self.data.mixture_hash,
         )
+        self._last_save_time = time.time()
+        start = time.perf_counter()
         path = save_checkpoint(self.checkpoints_dir, meta, self.model, self.optimizer, self.scheduler,
                                keep_last=self.config.checkpoint.keep_last,
-                               keep_every=self.config.checkpoint.keep_every)
-        self._last_save_time = time.time()
-        self._announce(f"saved {path} (step {self.state.iteration})")
+                               keep_every=self.config.checkpoint.keep_every,
+                               async_queue=self.async_queue, on_complete=self._saved)
+        self._checkpoint_pause_s = time.perf_counter() - start  # logged with the next step
+        if self.async_queue is not None:
+            self._announce(f"writing {path.name} in the background (training paused "
+                           f"{self._checkpoint_pause_s:.2f} s)")
+        return path
+
+    def _saved(self, path: Path) -> None:
+        """Every rank, once ``path`` is complete and named by ``latest``."""
+        self._announce(f"saved {path}")
         if self.config.checkpoint.export_hf_every_save:
-            if self.rank == 0:  # synchronous: retention must not delete it mid-export
+            if self.rank == 0:  # before the next save: retention must not delete it mid-export
                 from megatron_align.convert import export_checkpoint
 
                 export = export_checkpoint(path, self.run_dir / "hf" / path.name,
@@ -284,7 +297,11 @@ class Trainer:
                                            progress=False)
                 print(export.summary(), flush=True)
             torch.distributed.barrier()
-        return path
+
+    def finish_saves(self) -> None:
+        """Wait for an asynchronous save still being written (every rank)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     # -------------------------------------------------------------------------------- train
     def train_step(self) -> dict:
@@ -412,15 +429,21 @@ class Trainer:
                 record.update(tflops_per_gpu=tflops, mfu=tflops / peak)
             if result["skipped"]:
                 record["skipped"] = True
+            if self._checkpoint_pause_s is not None:
+                record["checkpoint_pause_s"] = self._checkpoint_pause_s
             if cfg.train.eval_interval and self.state.iteration % cfg.train.eval_interval == 0 and self.data.valid:
                 record["valid_loss_by_category"] = self.evaluate()
             if self.state.iteration % cfg.train.log_interval == 0 or result["skipped"]:
                 self.metrics.log(record)
+                self._checkpoint_pause_s = None
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if self.async_queue is not None:  # publish a save whose shards are all written
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
             if self.state.skipped_steps > cfg.train.max_skipped_steps:
                 self.save()
+                self.finish_saves()
                 raise TrainingStopped(
                     f"{self.state.skipped_steps} consecutive steps had a non-finite loss or "
                     f"gradient (limit train.max_skipped_steps={cfg.train.max_skipped_steps}); "
@@ -437,6 +460,7 @@ class Trainer:
             progress.close()
         if cfg.checkpoint.save_at_end and last_saved_iteration != self.state.iteration:
             self.save()
+        self.finish_saves()
         self.metrics.close()
         return self.state
 
