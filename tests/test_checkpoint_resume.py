@@ -303,3 +303,19 @@ def test_wall_time_interval_retention_and_time_budget(tmp_path):
                      "train.exit_duration_minutes=0", "logging.progress_bar=false")
     assert "stopping at step 1 (exit_duration_minutes)" in result.stdout
     assert (budget / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+
+
+def test_fully_reshardable_optimizer_state_follows_tp_and_pp(tmp_path):
+    args = ["train.iterations=6", "checkpoint.save_interval=3", "train.global_batch_size=8",
+            "train.micro_batch_size=2", "optim.lr=0.01", "optim.warmup_iters=1",
+            "parallel.distributed_optimizer=true", "checkpoint.optimizer_format=fully_reshardable",
+            "logging.progress_bar=false"]
+    full = tmp_path / "full"
+    run_cli("train", f"run_dir={full}", *args, nproc=2)  # DP=2
+    expected = [r["loss"] for r in _trajectory(full)]
+    for name, layout in (("tp2", "parallel.tensor=2"), ("pp2", "parallel.pipeline=2")):
+        resumed = tmp_path / name
+        _rewind(full, resumed, 3)
+        result = run_cli("train", f"run_dir={resumed}", *args, layout, nproc=2)
+        assert "resumed from" in result.stdout and "data': 2}" in result.stdout
+        assert [r["loss"] for r in _trajectory(resumed)] == pytest.approx(expected, rel=1e-6)

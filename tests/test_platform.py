@@ -16,7 +16,9 @@ def test_cuda_sites_are_redirected_in_place():
     for expected in ("megatron.core.pipeline_parallel.schedules.forward_backward_no_pipelining",
                      "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
                      "megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add",
-                     "megatron.core.tensor_parallel.random._get_cuda_rng_state"):
+                     "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+                     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+                     "_set_main_param_and_optimizer_states"):
         assert expected in names
     # the code object was swapped, so aliases imported elsewhere see the CPU version too
     assert "cuda" not in schedules.forward_backward_no_pipelining.__code__.co_consts

@@ -28,7 +28,11 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
 FORMAT = "megatron-align/checkpoint/v1"
-DIST_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _sharding_metadata(optimizer_format: str) -> dict:
+    """megatron-core's name for how the distributed optimizer lays out its state on disk."""
+    return {"distrib_optim_sharding_type": optimizer_format}
 
 
 class CheckpointError(RuntimeError):
@@ -45,6 +49,7 @@ class CheckpointMeta:
     config: dict[str, Any] = field(default_factory=dict)  # resolved run config
     mixture_hash: Optional[str] = None
     has_optimizer: bool = True
+    optimizer_format: str = "dp_reshardable"  # distributed optimizer's layout (config.schema)
     format: str = FORMAT
     saved_at: float = 0.0
 
@@ -175,7 +180,8 @@ def _is_rank0() -> bool:
 
 def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chunks,
                     optimizer=None, scheduler=None, keep_last: int = 2, keep_every: int = 0,
-                    async_queue=None, on_complete: Optional[Callable[[Path], None]] = None) -> Path:
+                    async_queue=None, on_complete: Optional[Callable[[Path], None]] = None,
+                    optimizer_format: str = "dp_reshardable") -> Path:
     """Collective: every rank calls it. Returns the directory the checkpoint will have.
 
     With ``async_queue`` (megatron-core's ``AsyncCallsQueue``) the shards are written by a forked
@@ -199,11 +205,13 @@ def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chu
 
     state = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=DIST_OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, metadata=_sharding_metadata(optimizer_format))
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["rng"] = _rng_sharded_object()
     meta.has_optimizer = optimizer is not None
+    meta.optimizer_format = optimizer_format
     meta.saved_at = time.time()
 
     def publish() -> None:  # every rank, once all shards are on disk
@@ -221,7 +229,8 @@ def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chu
         if on_complete is not None:
             on_complete(final)
 
-    request = dist_checkpointing.save(state, str(partial), content_metadata=DIST_OPTIM_METADATA,
+    request = dist_checkpointing.save(state, str(partial),
+                                      content_metadata=_sharding_metadata(optimizer_format),
                                       async_sharded_save=async_queue is not None)
     if async_queue is None:
         publish()
@@ -249,9 +258,9 @@ def load_checkpoint(checkpoint_dir: str | Path, model_chunks, optimizer=None, sc
                     restore_rng: bool = True) -> CheckpointMeta:
     """Collective. Loads model (any saved TP/PP layout), and optimizer/scheduler/RNG when given.
 
-    Optimizer state reshards across DP; across TP/PP changes megatron-core's optimizer state
-    mapping also follows the global parameter keys. RNG states are restored only when the
-    world layout is unchanged.
+    Optimizer state follows layout changes as far as its format allows (see
+    ``_check_optimizer_resharding``). RNG states are restored only when the world size is
+    unchanged.
     """
     checkpoint_dir = Path(checkpoint_dir)
     meta = read_meta(checkpoint_dir)
@@ -262,8 +271,8 @@ def load_checkpoint(checkpoint_dir: str | Path, model_chunks, optimizer=None, sc
                                   "load weights only (checkpoint.init_load_optimizer=false)")
         _check_optimizer_resharding(checkpoint_dir, meta, optimizer)
         _init_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
-                                                          metadata=DIST_OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=True, metadata=_sharding_metadata(meta.optimizer_format))
     same_world = meta.layout.get("world_size") == torch.distributed.get_world_size()
     if restore_rng and same_world:
         state["rng"] = _rng_sharded_object()
@@ -300,8 +309,8 @@ def _is_distributed_optimizer(optimizer) -> bool:
 def _check_optimizer_resharding(checkpoint_dir: Path, meta: CheckpointMeta, optimizer) -> None:
     """Say, before megatron-core fails deep in a load, when optimizer state cannot follow a
     layout change. The replicated optimizer's state is keyed like the model's (reshards to any
-    TP/PP/VPP/DP); the distributed optimizer's ``dp_reshardable`` state follows its gradient
-    buckets, so only DP may change."""
+    TP/PP/VPP/DP); so is the distributed optimizer's ``fully_reshardable`` format. Its
+    ``dp_reshardable`` format follows the gradient buckets, so only DP may change."""
     saved_distributed = bool(meta.config.get("parallel", {}).get("distributed_optimizer", False))
     now_distributed = _is_distributed_optimizer(optimizer)
     weights_only = ("or start a new stage from its weights: checkpoint.init_from=<it> "
@@ -312,7 +321,7 @@ def _check_optimizer_resharding(checkpoint_dir: Path, meta: CheckpointMeta, opti
             f"{str(saved_distributed).lower()}; the two optimizers store different state layouts. "
             f"Resume with parallel.distributed_optimizer={str(saved_distributed).lower()}, "
             f"{weights_only}")
-    if not saved_distributed:
+    if not saved_distributed or meta.optimizer_format == "fully_reshardable":
         return
     from megatron.core import parallel_state
 
@@ -324,10 +333,10 @@ def _check_optimizer_resharding(checkpoint_dir: Path, meta: CheckpointMeta, opti
         raise CheckpointError(
             f"{checkpoint_dir}: distributed-optimizer state saved at tensor/pipeline/virtual "
             f"{saved['tensor']}/{saved['pipeline']}/{saved['virtual_pipeline']} cannot be loaded at "
-            f"{now['tensor']}/{now['pipeline']}/{now['virtual_pipeline']}: megatron-core's "
-            f"dp_reshardable format follows the gradient buckets and reshards across data "
-            f"parallel only. Resume with the saved tensor/pipeline sizes (DP may change), "
-            f"{weights_only}")
+            f"{now['tensor']}/{now['pipeline']}/{now['virtual_pipeline']}: it was saved as "
+            f"{meta.optimizer_format}, which follows the gradient buckets and reshards across "
+            f"data parallel only. Resume with the saved tensor/pipeline sizes (DP may change), "
+            f"{weights_only} (save with checkpoint.optimizer_format=fully_reshardable to allow this)")
 
 
 def _torch_optimizers(optimizer):

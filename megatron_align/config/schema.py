@@ -77,6 +77,9 @@ class DataConfig:
     valid_samples_per_category: int = 0
 
 
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")  # megatron-core's sharding types
+
+
 @dataclass
 class CheckpointConfig:
     save_interval: int = 0  # steps; 0: only at the end
@@ -89,6 +92,9 @@ class CheckpointConfig:
     init_reset_iteration: bool = True
     export_hf_every_save: bool = False
     async_save: bool = False  # write shards in a forked process while training goes on
+    # distributed-optimizer state: dp_reshardable (fast; resume may change DP only) or
+    # fully_reshardable (gathered per DP group at save; resume may change TP/PP/VPP/DP)
+    optimizer_format: str = "dp_reshardable"
 
 
 @dataclass

@@ -72,10 +72,26 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-# megatron functions whose whole body is replaced (they drive CUDA generators directly).
+def _set_main_param_and_optimizer_states(self, model_param, tensors):
+    """DistributedOptimizer's copy of loaded state into torch Adam, without apex/TE. The original
+    copies every key of the destination state, and torch Adam's has a 'step' that the loaded
+    tensors lack (fully_reshardable: KeyError) or hold stale (dp_reshardable: 0). Copy all but
+    the step; its count lives in the param groups (restored by the checkpoint loader)."""
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    destination = {"param": main_param, **self.optimizer.state[main_param]}
+    for key, tensor in destination.items():
+        if key != "step":
+            tensor.copy_(tensors[key])
+
+
+# megatron functions whose whole body is replaced: they drive CUDA generators directly, or (the
+# optimizer one) take a path only apex/TE-less installs take, which is broken in megatron-core.
 REPLACED_FUNCTIONS = {
     "megatron.core.tensor_parallel.random._get_cuda_rng_state": _get_cpu_rng_state,
     "megatron.core.tensor_parallel.random._set_cuda_rng_state": _set_cpu_rng_state,
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+    "_set_main_param_and_optimizer_states": _set_main_param_and_optimizer_states,
 }
 
 _active = False
@@ -99,14 +115,29 @@ def activate() -> bool:
             continue
         patched_functions.extend(_rewrite_module(module))
     for dotted, replacement in REPLACED_FUNCTIONS.items():
-        module_name, _, attr = dotted.rpartition(".")
-        target = getattr(importlib.import_module(module_name), attr, None)
+        target = _import_attribute(dotted)
         if target is not None:
             target.__code__ = replacement.__code__
             patched_functions.append(dotted)
     _active = True
     log.info("cpu runtime: redirected %d megatron-core functions to CPU", len(patched_functions))
     return True
+
+
+def _import_attribute(dotted: str):
+    """A module-level function or a class's method named by its dotted path; None if absent."""
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for part in parts[split:]:
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj
+    return None
 
 
 def _rewrite_module(module: types.ModuleType) -> list[str]:

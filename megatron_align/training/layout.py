@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_align.config import ConfigError, RunConfig
+from megatron_align.config.schema import OPTIMIZER_FORMATS
 from megatron_align.model.presets import resolve_architecture
 
 
@@ -114,5 +115,8 @@ def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
         raise ConfigError(f"train.precision: {config.train.precision!r} is not one of auto|fp32|bf16")
     if config.train.recompute not in ("none", "full", "selective"):
         raise ConfigError(f"train.recompute: {config.train.recompute!r} is not one of none|full|selective")
+    if config.checkpoint.optimizer_format not in OPTIMIZER_FORMATS:
+        raise ConfigError(f"checkpoint.optimizer_format: {config.checkpoint.optimizer_format!r} "
+                          f"is not one of {'|'.join(OPTIMIZER_FORMATS)}")
     return ParallelLayout(world_size, par.tensor, par.pipeline, par.virtual_pipeline, data_parallel,
                           train.micro_batch_size, train.global_batch_size)
