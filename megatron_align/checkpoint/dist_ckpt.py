@@ -348,9 +348,10 @@ def _torch_optimizers(optimizer):
 
 def _restore_adam_steps(optimizer) -> None:
     """megatron-core's distributed optimizer keeps Adam's step count in its param groups. Without
-    apex/TE (CPU) torch's Adam wants a per-parameter 'step' tensor, and megatron-core 0.16.1 fills
-    it from the pre-load state (0) and shares one tensor across parameters (torch increments it
-    in place once per parameter). Give each parameter its own tensor holding the saved step."""
+    apex/TE (CPU) torch's Adam wants a per-parameter 'step' tensor; megatron-core 0.16.1 gives
+    every parameter the same tensor (torch increments it in place once per parameter, so bias
+    correction would run ahead) and its dp_reshardable load overwrote it with the pre-load 0
+    (see platform.cpu). Give each parameter its own tensor holding the saved step."""
     for _, torch_opt in _torch_optimizers(optimizer):
         for group in torch_opt.param_groups:
             if "step" not in group:
@@ -373,4 +374,3 @@ def _init_optimizer_state(optimizer) -> None:
             for group in torch_opt.param_groups:
                 for param in group["params"]:
                     torch_opt.state[param].setdefault("step", torch.tensor(0.0))
-
