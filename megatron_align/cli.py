@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from megatron_align.platform import quiet_known_warnings
+
+    quiet_known_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

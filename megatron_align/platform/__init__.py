@@ -1,4 +1,7 @@
 """Where the run executes: CUDA/NCCL when available, else megatron-core on CPU over gloo."""
+import re
+import warnings
+
 import torch
 
 from .cpu import activate as activate_cpu_runtime
@@ -20,9 +23,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Printed by megatron-core / torch on every start or step (once per rank) and not actionable by a
+# user: the CPU fallbacks are the point of a CPU run; the others are library-internal
+# deprecations and megatron-core's own probing of non-leaf `.grad`. (message, module) pairs.
+CPU_ONLY_NOISE = (("Transformer Engine and Apex are not installed", ""),
+                  ("Apex is not installed", ""))
+LIBRARY_NOISE = (("full scope is deprecated", ""), ("`load_state_dict` is deprecated", ""),
+                 ("Please use DTensor instead and we are deprecating ShardedTensor", ""),
+                 ("`torch.distributed.reduce_scatter_tensor` is deprecated", ""),
+                 ("`torch.distributed.all_gather_into_tensor` is deprecated", ""),
+                 ("The .grad attribute of a Tensor that is not a leaf Tensor", r"megatron\.core\."))
+
+
+def quiet_known_warnings() -> None:
+    """Silence the warnings above (on GPU a missing TE/apex still warns: it costs speed there)."""
+    for message, module in LIBRARY_NOISE + (CPU_ONLY_NOISE if cuda_absent() else ()):
+        warnings.filterwarnings("ignore", message=re.escape(message), module=module)
+
+
 def distributed_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 __all__ = ["activate_cpu_runtime", "cuda_absent", "device", "distributed_backend", "free_port",
-           "refuse_sequence_parallel"]
+           "quiet_known_warnings", "refuse_sequence_parallel"]

@@ -34,6 +34,8 @@ def launch_local(config: RunConfig, nproc: int, argv: Sequence[str],
     check_run_config(config, nproc)
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("OMP_NUM_THREADS", "1")
+    # megatron-core's TP comm/compute overlap relies on in-order kernel launch (it warns otherwise)
+    child_env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     return subprocess.call(torchrun_command(nproc, argv), env=child_env)
 
 

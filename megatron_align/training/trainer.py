@@ -158,6 +158,9 @@ class Trainer:
 
         self.async_queue = AsyncCallsQueue() if config.checkpoint.async_save else None
         self.restored_from = self._restore()
+        if self.restored_from is None:
+            self._announce(f"starting {self.run_dir}: {self.num_parameters:,} parameters, "
+                           f"{config.train.iterations} steps, {self.layout.describe()}")
         self._apply_configured_lr()
         self.metrics = MetricsWriter(str(self.run_dir), enabled=self.rank == 0,
                                      tensorboard=config.logging.tensorboard,
