@@ -202,7 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.fn(args)
     except (DataToolsError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "reported_here", True):
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -82,7 +82,7 @@ def preprocess_mpi(
         setup_error = str(exc)
     errors = comm.allgather(setup_error)
     if any(errors):
-        raise DataToolsError(next(e for e in errors if e))
+        raise DataToolsError(next(e for e in errors if e), raised_on_rank=rank)
     dtype = token_dtype(tok.vocab_size)
 
     # Count records: rank r counts files r, r+W, ...; everyone learns every count.
@@ -93,7 +93,7 @@ def preprocess_mpi(
     counts = [0] * len(files)
     for part, err in comm.allgather((mine, count_error)):
         if err:
-            raise DataToolsError(err)
+            raise DataToolsError(err, raised_on_rank=rank)
         for i, n in part.items():
             counts[i] = n
     total = sum(counts)
@@ -116,7 +116,7 @@ def preprocess_mpi(
     failed = [r.error for r in results if r.error]
     if failed:
         remove_prefix_files(tmp)
-        raise DataToolsError(failed[0])
+        raise DataToolsError(failed[0], raised_on_rank=rank)
 
     combined = _combine(results, files)
     try:
@@ -145,7 +145,7 @@ def preprocess_mpi(
                 merge_error = str(exc)
         merge_error = comm.bcast(merge_error, root=0)
         if merge_error:
-            raise DataToolsError(merge_error)
+            raise DataToolsError(merge_error, raised_on_rank=rank)
         return stats
     finally:
         comm.barrier()

@@ -235,6 +235,21 @@ def test_mpi_two_ranks_byte_identical_to_single_process(tmp_path, corpus, hf_tok
     assert read_docs(prefixes[0]) + read_docs(prefixes[1]) == read_docs(single)
 
 
+@pytest.mark.multiprocess
+def test_mpi_bad_record_is_one_error_and_no_output(tmp_path, corpus, hf_tokenizer):
+    good = write_jsonl(tmp_path / "a.jsonl", corpus[:40])
+    bad = tmp_path / "b.jsonl"
+    bad.write_bytes(open(write_jsonl(tmp_path / "b0.jsonl", corpus[40:80]), "rb").read()
+                    + b'{"text": "broken\n')  # line 41 of b.jsonl: in rank 1's shard
+    out = tmp_path / "out"
+    proc = _run_cli(["preprocess", good, str(bad), "-o", str(out / "ds"), "-t", hf_tokenizer, "--mpi", "-q"],
+                    mpi_ranks=2)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"{bad}:41:" in errors[0], proc.stderr
+    assert not out.exists() or files_in(out) == []
+
+
 BAD_LINES = {
     "invalid_json": b'{"text": "broken',
     "missing_field": b'{"body": "no text key here"}',
