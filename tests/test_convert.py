@@ -119,12 +119,13 @@ def round_trip_runs(work, imported) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def llama_tp1_run(work, tokenizers_) -> Path:
-    """A natively trained single-process llama run with tied embeddings and a recorded tokenizer."""
+    """A natively trained single-process llama run with tied embeddings and a recorded tokenizer;
+    its saves are asynchronous, so the export-at-every-save runs when each save is published."""
     run_dir = work / "run-llama-tp1"
     run_cli("train", f"run_dir={run_dir}", "model.preset=llama", "model.tie_embeddings=true",
             "train.iterations=2", f"data.tokenizer={tokenizers_[RUN_VOCAB]}",
             "checkpoint.save_interval=1", "checkpoint.keep_last=1", "checkpoint.export_hf_every_save=true",
-            "logging.progress_bar=false", "logging.tensorboard=false")
+            "checkpoint.async_save=true", "logging.progress_bar=false", "logging.tensorboard=false")
     return run_dir
 
 
