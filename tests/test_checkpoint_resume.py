@@ -252,12 +252,15 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
 
 
 def _rewind(source, run_dir, iteration):
-    """A copy of ``source`` as it was right after saving ``iteration`` (later checkpoints gone)."""
+    """A copy of ``source`` as it was right after saving ``iteration`` (later checkpoints and
+    metrics gone, so every later step in the copy's trajectory comes from the resumed run)."""
     shutil.copytree(source, run_dir)
     for path in (run_dir / "checkpoints").glob("iter_*"):
         if int(path.name.split("_")[1]) > iteration:
             shutil.rmtree(path)
     (run_dir / "checkpoints" / "latest").write_text(f"iter_{iteration:07d}\n")
+    kept = [json.dumps(r) for r in read_metrics(run_dir) if r["step"] <= iteration]
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
 
 
 def test_distributed_optimizer_resumes_exactly_and_reshards_across_dp_only(tmp_path):
