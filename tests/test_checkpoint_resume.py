@@ -263,10 +263,15 @@ def _rewind(source, run_dir, iteration):
     (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
 
 
+# 6 steps at DP=2 (on 2 processes) with the optimizer state sharded (ZeRO-1), saved at step 3
+DISTRIBUTED_OPTIMIZER_ARGS = [
+    "train.iterations=6", "checkpoint.save_interval=3", "train.global_batch_size=8",
+    "train.micro_batch_size=2", "optim.lr=0.01", "optim.warmup_iters=1",
+    "parallel.distributed_optimizer=true", "logging.progress_bar=false"]
+
+
 def test_distributed_optimizer_resumes_exactly_and_reshards_across_dp_only(tmp_path):
-    args = ["train.iterations=6", "checkpoint.save_interval=3", "train.global_batch_size=8",
-            "train.micro_batch_size=2", "optim.lr=0.01", "optim.warmup_iters=1",
-            "parallel.distributed_optimizer=true", "logging.progress_bar=false"]
+    args = DISTRIBUTED_OPTIMIZER_ARGS
     full = tmp_path / "full"
     run_cli("train", f"run_dir={full}", *args, nproc=2)  # DP=2, optimizer state sharded (ZeRO-1)
     expected = [r["loss"] for r in _trajectory(full)]
@@ -309,10 +314,7 @@ def test_wall_time_interval_retention_and_time_budget(tmp_path):
 
 
 def test_fully_reshardable_optimizer_state_follows_tp_and_pp(tmp_path):
-    args = ["train.iterations=6", "checkpoint.save_interval=3", "train.global_batch_size=8",
-            "train.micro_batch_size=2", "optim.lr=0.01", "optim.warmup_iters=1",
-            "parallel.distributed_optimizer=true", "checkpoint.optimizer_format=fully_reshardable",
-            "logging.progress_bar=false"]
+    args = [*DISTRIBUTED_OPTIMIZER_ARGS, "checkpoint.optimizer_format=fully_reshardable"]
     full = tmp_path / "full"
     run_cli("train", f"run_dir={full}", *args, nproc=2)  # DP=2
     expected = [r["loss"] for r in _trajectory(full)]

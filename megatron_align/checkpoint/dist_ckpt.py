@@ -180,9 +180,9 @@ def _is_rank0() -> bool:
 
 def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chunks,
                     optimizer=None, scheduler=None, keep_last: int = 2, keep_every: int = 0,
-                    async_queue=None, on_complete: Optional[Callable[[Path], None]] = None,
-                    optimizer_format: str = "dp_reshardable") -> Path:
-    """Collective: every rank calls it. Returns the directory the checkpoint will have.
+                    async_queue=None, on_complete: Optional[Callable[[Path], None]] = None) -> Path:
+    """Collective: every rank calls it. Returns the directory the checkpoint will have. The
+    distributed optimizer's state is written in ``meta.optimizer_format``.
 
     With ``async_queue`` (megatron-core's ``AsyncCallsQueue``) the shards are written by a forked
     process while training goes on; the checkpoint is renamed into place, ``latest`` updated and
@@ -206,12 +206,11 @@ def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chu
     state = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
-            state, metadata=_sharding_metadata(optimizer_format))
+            state, metadata=_sharding_metadata(meta.optimizer_format))
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["rng"] = _rng_sharded_object()
     meta.has_optimizer = optimizer is not None
-    meta.optimizer_format = optimizer_format
     meta.saved_at = time.time()
 
     def publish() -> None:  # every rank, once all shards are on disk
@@ -230,7 +229,7 @@ def save_checkpoint(checkpoints_dir: str | Path, meta: CheckpointMeta, model_chu
             on_complete(final)
 
     request = dist_checkpointing.save(state, str(partial),
-                                      content_metadata=_sharding_metadata(optimizer_format),
+                                      content_metadata=_sharding_metadata(meta.optimizer_format),
                                       async_sharded_save=async_queue is not None)
     if async_queue is None:
         publish()

@@ -15,32 +15,32 @@ def _errors():
     return (ConvertError, VerificationFailed, CheckpointError, ConfigError, TokenizerError)
 
 
-def _export(args) -> int:
-    from .export import export_checkpoint
-
+def _report(convert) -> int:
+    """Run one conversion: its summary and exit 0, or one error line and exit 2."""
     try:
-        result = export_checkpoint(args.checkpoint, args.out_dir, tokenizer=args.tokenizer,
-                                   dtype=args.dtype, verify=args.verify,
-                                   max_shard_size=args.max_shard_size, threshold=args.threshold,
-                                   overwrite=args.overwrite, progress=not args.no_progress)
+        result = convert()
     except _errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(result.summary())
     return 0
+
+
+def _export(args) -> int:
+    from .export import export_checkpoint
+
+    return _report(lambda: export_checkpoint(
+        args.checkpoint, args.out_dir, tokenizer=args.tokenizer, dtype=args.dtype,
+        verify=args.verify, max_shard_size=args.max_shard_size, threshold=args.threshold,
+        overwrite=args.overwrite, progress=not args.no_progress))
 
 
 def _import(args) -> int:
     from .hf_import import import_hf
 
-    try:
-        result = import_hf(args.hf_dir, args.out, tensor=args.tp, pipeline=args.pp, preset=args.preset,
-                           verify=args.verify, threshold=args.threshold, overwrite=args.overwrite)
-    except _errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    return 0
+    return _report(lambda: import_hf(
+        args.hf_dir, args.out, tensor=args.tp, pipeline=args.pp, preset=args.preset,
+        verify=args.verify, threshold=args.threshold, overwrite=args.overwrite))
 
 
 def add_subcommands(subparsers) -> None:

@@ -275,14 +275,14 @@ class Trainer:
                     "data": self.layout.data},
             config=to_dict(self.config),
             mixture_hash=self.data.mixture_hash,
+            optimizer_format=self.config.checkpoint.optimizer_format,
         )
         self._last_save_time = time.time()
         start = time.perf_counter()
         path = save_checkpoint(self.checkpoints_dir, meta, self.model, self.optimizer, self.scheduler,
                                keep_last=self.config.checkpoint.keep_last,
                                keep_every=self.config.checkpoint.keep_every,
-                               async_queue=self.async_queue, on_complete=self._saved,
-                               optimizer_format=self.config.checkpoint.optimizer_format)
+                               async_queue=self.async_queue, on_complete=self._saved)
         self._checkpoint_pause_s = time.perf_counter() - start  # logged with the next step
         if self.async_queue is not None:
             self._announce(f"writing {path.name} in the background (training paused "
