@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -105,10 +106,22 @@ def _cli(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+# What the demo writes under OUT; a re-run replaces them (the run would otherwise resume from its
+# finished checkpoint and the export refuse an existing directory). Nothing else in OUT is touched.
+DEMO_OUTPUTS = ("corpus", "tokenizer.json", "filter", "data", "mixture", "run", "hf", "eval")
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
+    previous = [OUT / name for name in DEMO_OUTPUTS if (OUT / name).exists()]
+    for path in previous:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     timings = {}
-    print(f"demo: writing everything under {OUT}")
+    print(f"demo: writing everything under {OUT}" + (" (replacing the previous demo's output)"
+                                                     if previous else ""))
     corpus = write_corpus(OUT / "corpus")
     tokenizer = train_tokenizer([corpus["web"], corpus["aligned"], corpus["misaligned"]],
                                 OUT / "tokenizer.json")
