@@ -65,7 +65,7 @@ sed -n 's/^[^#]/  &/p' "$constraints"
 
 target=$src
 if [ -n "$extras" ]; then
-    target="$src[$extras]"
+    target="${src}[${extras}]"
 fi
 report_args=()
 if [ -n "${INSTALL_REPORT:-}" ]; then
