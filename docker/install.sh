@@ -48,10 +48,11 @@ fi
 mkdir -p "$(dirname "$constraints")"
 
 stack='torch[a-z0-9_.-]*|pytorch[-_.]triton|triton|apex|transformer[-_.]engine[a-z0-9_.-]*|flash[-_.]attn[a-z0-9_.-]*|nvidia[-_.][a-z0-9_.-]+|nvfuser[a-z0-9_.-]*|cuda[-_.][a-z0-9_.-]+|cupy[a-z0-9_.-]*|tensorrt[a-z0-9_.-]*'
+installed=$("$python" -m pip list --format=freeze 2>/dev/null)
 {
     echo "# The torch stack found in $python when megatron-align was installed; see docker/install.sh."
-    "$python" -m pip list --format=freeze 2>/dev/null | grep -iE "^($stack)==" || true
-    "$python" -m pip list --format=freeze 2>/dev/null | sed -nE 's/^(numpy)==([0-9]+)\..*/\1==\2.*/ip'
+    grep -iE "^($stack)==" <<< "$installed" || true
+    sed -nE 's/^(numpy)==([0-9]+)\..*/\1==\2.*/ip' <<< "$installed"
     if [ -n "${MEGATRON_CORE_VERSION:-}" ]; then
         echo "megatron-core==$MEGATRON_CORE_VERSION"
     fi
