@@ -23,8 +23,8 @@ SHA = "ab" * 32
 
 def make_source(prefix: str, n_docs: int, seed: int, token_range, sha: str = SHA, vocab: int = 512,
                 unique: bool = False) -> int:
-    """Documents of 8-119 tokens ending in EOD; ``unique``: numbered consecutively from
-    ``token_range[0]`` instead of drawn, so every token names its document and position."""
+    """Documents of 8-119 tokens ending in EOD; ``unique``: every token, the last included, numbered
+    consecutively from ``token_range[0]`` instead of drawn, so each names its document and position."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(seed)
@@ -33,11 +33,10 @@ def make_source(prefix: str, n_docs: int, seed: int, token_range, sha: str = SHA
     for _ in range(n_docs):
         length = int(rng.integers(8, 120))
         if unique:
-            body = token_range[0] + numbered + np.arange(length - 1)
-            numbered += length - 1
+            doc = (token_range[0] + numbered + np.arange(length)).astype(np.uint16)
+            numbered += length
         else:
-            body = rng.integers(*token_range, length - 1)
-        doc = np.append(body, EOD).astype(np.uint16)
+            doc = np.append(rng.integers(*token_range, length - 1), EOD).astype(np.uint16)
         builder.add_document(doc, [len(doc)])
         total += len(doc)
     builder.finalize(prefix + ".idx")

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from megatron_align.io import atomic_path
-from megatron_align.mixture.plan import MixturePlan
+from megatron_align.mixture.plan import MixturePlan, SourcePlan
 from megatron_align.mixture.reads import DocumentReads
 
 
@@ -32,7 +32,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def composition_tables(plan: MixturePlan, realised: Optional[np.ndarray] = None,
                        reads: Optional[dict[str, DocumentReads]] = None) -> str:
     """Per-source and per-category tables; ``realised`` is samples per (segment, source),
-    ``reads`` the documents each source's samples read (first time / resumed / again)."""
+    ``reads`` the documents each source's samples read (first time / resumed / repeats)."""
     total = plan.num_samples
     realised_per_source = realised.sum(axis=0) if realised is not None else None
     rows = []
@@ -54,7 +54,7 @@ def composition_tables(plan: MixturePlan, realised: Optional[np.ndarray] = None,
            f"{plan.seq_length} tokens = {_tokens(plan.num_samples * plan.seq_length)} tokens "
            f"({len(plan.segments)} segment{'s' if len(plan.segments) != 1 else ''})",
            _table(header, rows)]
-    out += [continuation_line(source) for source in plan.sources if source.continues is not None]
+    out += [continuation_line(plan.stage, s) for s in plan.sources if s.continues is not None]
     out += [""]
 
     rows = []
@@ -82,16 +82,15 @@ def composition_tables(plan: MixturePlan, realised: Optional[np.ndarray] = None,
     return "\n".join(out)
 
 
-def continuation_line(source) -> str:
-    """Where a continued source's samples come from, in one line."""
-    passes = source.stream_windows()
-    held = sum(p.length for p in source.stream[:-1]) if len(source.stream) > 1 else None
+def continuation_line(stage: str, source: SourcePlan) -> str:
+    """Where the samples of a source that continues an earlier stage come from, in one line."""
     text = (f"{source.name}: continues stage {source.continues}'s stream at sample {source.stream_start:,} "
             f"(reads stream samples [{source.stream_start:,}, {source.stream_end:,}))")
-    if held is not None and source.stream_end > held:
-        text += (f"; the earlier passes end at {held:,}, so {source.stream_end - max(held, source.stream_start):,} "
-                 f"samples come from a new epoch")
-    return text if passes else text + "; reads nothing"
+    if len(source.stream) > 1 and source.stream[-1].stage == stage:  # a pass this stage added
+        earlier = sum(p.length for p in source.stream[:-1])
+        text += (f"; the earlier passes end at {earlier:,}, so the last "
+                 f"{source.stream_end - max(earlier, source.stream_start):,} come from a new epoch")
+    return text
 
 
 def plan_summary(plan: MixturePlan, realised: Optional[np.ndarray] = None,
