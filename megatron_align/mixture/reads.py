@@ -62,9 +62,9 @@ def count_document_reads(stages: Sequence) -> dict[str, dict[str, DocumentReads]
         per_source = {}
         for source, gpts in zip(datasets.plan.sources, datasets.streams):
             documents = len(gpts[0].dataset.sequence_lengths)
-            occurrences = np.zeros(documents, dtype=np.int64)
-            shared = np.zeros(documents, dtype=np.int64)  # occurrences also read earlier
-            newly_read = np.zeros(documents, dtype=np.int64)  # occurrences no earlier stage read
+            occurrences = np.zeros(documents, dtype=np.int32)
+            shared = np.zeros(documents, dtype=np.int32)  # occurrences also read earlier
+            newly_read = np.zeros(documents, dtype=np.int32)  # occurrences no earlier stage read
             updates = []
             for number, first, end in source.stream_windows():
                 stream_pass, gpt = source.stream[number], gpts[number]
@@ -80,7 +80,7 @@ def count_document_reads(stages: Sequence) -> dict[str, dict[str, DocumentReads]
                         shared += np.bincount(gpt.document_index[again], minlength=documents)
                     newly_read += np.bincount(gpt.document_index[mask & ~state.read], minlength=documents)
                 updates.append((key, mask, (first, end), len(gpt.document_index)))
-            before = earlier.get(source.name, np.zeros(documents, dtype=np.int64))
+            before = earlier.get(source.name, np.zeros(documents, dtype=np.int32))
             read = occurrences > 0
             first_seen = read & (before == 0)
             resumed = read & (before == 1) & (occurrences == 1) & (shared == 1)
