@@ -50,7 +50,8 @@ class DatasetTokenizer:
 
 
 def stage_seed(seed: int, stage: str) -> int:
-    """The data seed of a stage: stages sharing a source must not replay its document order."""
+    """The data seed of a stage: stages sharing a source must not replay its document order (a
+    source that continues an earlier stage's stream keeps the seeds of that stream's passes)."""
     digest = hashlib.sha256(f"{seed}:{stage}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
