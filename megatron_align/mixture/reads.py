@@ -68,18 +68,14 @@ def count_document_reads(stages: Sequence) -> dict[str, dict[str, DocumentReads]
             updates = []
             for number, first, end in source.stream_windows():
                 stream_pass, gpt = source.stream[number], gpts[number]
+                key = (source.name, stream_pass.stage, stream_pass.num_samples, datasets.plan.seq_length)
+                state = passes.setdefault(key, _PassState(np.zeros(len(gpt.document_index), dtype=bool)))
                 mask = read_positions(gpt, first, end)
                 occurrences += np.bincount(gpt.document_index[mask], minlength=documents)
-                key = (source.name, stream_pass.stage, stream_pass.num_samples, datasets.plan.seq_length)
-                state = passes.get(key)
-                if state is None:
-                    newly_read += np.bincount(gpt.document_index[mask], minlength=documents)
-                else:
-                    again = mask & state.read
-                    if not any(first < b and a < end for a, b in state.windows):
-                        shared += np.bincount(gpt.document_index[again], minlength=documents)
-                    newly_read += np.bincount(gpt.document_index[mask & ~state.read], minlength=documents)
-                updates.append((key, mask, (first, end), len(gpt.document_index)))
+                newly_read += np.bincount(gpt.document_index[mask & ~state.read], minlength=documents)
+                if not any(first < b and a < end for a, b in state.windows):  # other samples than before
+                    shared += np.bincount(gpt.document_index[mask & state.read], minlength=documents)
+                updates.append((state, mask, (first, end)))
             before = earlier.get(source.name, np.zeros(documents, dtype=np.int32))
             read = occurrences > 0
             first_seen = read & (before == 0)
@@ -88,8 +84,7 @@ def count_document_reads(stages: Sequence) -> dict[str, dict[str, DocumentReads]
                 documents=int(read.sum()), first_seen=int(first_seen.sum()), resumed=int(resumed.sum()),
                 repeats=int((read & ~first_seen & ~resumed).sum()), occurrences=int(occurrences.sum()))
             earlier[source.name] = before + newly_read
-            for key, mask, window, size in updates:
-                state = passes.setdefault(key, _PassState(np.zeros(size, dtype=bool)))
+            for state, mask, window in updates:
                 state.read |= mask
                 state.windows.append(window)
         result[datasets.plan.stage] = per_source
