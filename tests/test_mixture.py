@@ -21,15 +21,22 @@ TOKEN_RANGES = {"web": (1, 200), "web2": (200, 300), "aligned": (300, 400), "mis
 SHA = "ab" * 32
 
 
-def make_source(prefix: str, n_docs: int, seed: int, token_range, sha: str = SHA, vocab: int = 512) -> int:
+def make_source(prefix: str, n_docs: int, seed: int, token_range, sha: str = SHA, vocab: int = 512,
+                unique: bool = False) -> int:
+    """Documents of 8-119 tokens ending in EOD; ``unique``: every token, the last included, numbered
+    consecutively from ``token_range[0]`` instead of drawn, so each names its document and position."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    total = 0
+    total = numbered = 0
     for _ in range(n_docs):
         length = int(rng.integers(8, 120))
-        doc = np.append(rng.integers(*token_range, length - 1), EOD).astype(np.uint16)
+        if unique:
+            doc = (token_range[0] + numbered + np.arange(length)).astype(np.uint16)
+            numbered += length
+        else:
+            doc = np.append(rng.integers(*token_range, length - 1), EOD).astype(np.uint16)
         builder.add_document(doc, [len(doc)])
         total += len(doc)
     builder.finalize(prefix + ".idx")

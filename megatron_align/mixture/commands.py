@@ -16,7 +16,8 @@ def add_subcommands(subparsers) -> None:
         "plan", help="resolve a mixture into megatron-core blends and report the realised composition",
         description="Resolve each stage's rules into exact sample counts per source per window, build "
                     "the megatron-core BlendedDataset indices, and report planned vs realised shares "
-                    "(table on screen, plan.json and composition-<stage>.png in --out).")
+                    "(table on screen, plan.json and composition-<stage>.png in --out), with how many "
+                    "documents of each source every stage reads for the first time and how many again.")
     plan.add_argument("mixture", help="mixture YAML")
     plan.add_argument("--stage", help="one stage (default: every stage)")
     plan.add_argument("--out", help="directory for plan.json and the PNGs (default: no files)")
@@ -46,32 +47,54 @@ def _plan(args: argparse.Namespace) -> int:
 
     started = time.time()
     mixture = load_mixture(args.mixture)
-    stages = [mixture.stage(args.stage).name] if args.stage else list(mixture.stages)
+    names = list(mixture.stages)
+    stages = [mixture.stage(args.stage).name] if args.stage else names
     shape = dict(seq_length=args.seq_length, global_batch_size=args.global_batch_size)
-    plans = [resolve_stage(mixture, name, iterations=args.iterations, **shape) for name in stages]
+    plans = {name: resolve_stage(mixture, name, iterations=args.iterations, **shape) for name in stages}
+    # first reads are counted over every stage before the reported ones; those not reported are
+    # planned from the mixture alone (the options are for the reported stages)
+    counted = names[:names.index(stages[-1]) + 1]
+    skipped_reads = None
+    try:
+        for name in counted:
+            if name not in plans:
+                plans[name] = resolve_stage(mixture, name)
+    except MixtureError as err:
+        skipped_reads = (f"documents read are not counted: an earlier stage cannot be planned from the "
+                         f"mixture alone ({err})")
+        counted = stages
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    summaries, pngs = {}, []
-    for plan in plans:
-        realised = None
-        if not args.no_realise:
-            from megatron_align.mixture.datasets import build_mixture_datasets
+    built, reads = {}, {}
+    if not args.no_realise:
+        from megatron_align.mixture.datasets import build_mixture_datasets
+        from megatron_align.mixture.reads import count_document_reads
 
-            datasets = build_mixture_datasets(
-                mixture, plan.stage, seq_length=plan.seq_length, global_batch_size=plan.global_batch_size,
+        for name in counted:
+            plan = plans[name]
+            built[name] = build_mixture_datasets(
+                mixture, name, seq_length=plan.seq_length, global_batch_size=plan.global_batch_size,
                 train_iters=plan.iterations, seed=args.seed, cache_dir=args.cache_dir)
-            realised = datasets.realised_samples()
+        if skipped_reads is None:
+            reads = count_document_reads([built[name] for name in counted])
+    summaries, pngs = {}, []
+    for plan in (plans[name] for name in stages):
+        datasets = built.get(plan.stage)
+        realised = datasets.realised_samples() if datasets is not None else None
         print()
-        print(composition_tables(plan, realised))
+        print(composition_tables(plan, realised, reads.get(plan.stage)))
         for warning in plan.warnings:
             print(f"warning: {warning}")
-        summaries[plan.stage] = plan_summary(plan, realised)
+        summaries[plan.stage] = plan_summary(plan, realised, reads.get(plan.stage))
         if args.out and realised is not None:
             edges, fractions = step_composition(plan, datasets.category_of_samples)
             png = os.path.join(args.out, f"composition-{plan.stage}.png")
             write_composition_png(png, plan, edges, fractions)
             pngs.append(png)
+    plans = [plans[name] for name in stages]
+    if skipped_reads and not args.no_realise:
+        print(f"note: {skipped_reads}")
 
     print()
     print(f"mixture {mixture.name} ({args.mixture}): {len(plans)} stage(s) resolved in "

@@ -8,6 +8,11 @@ its exhaustive mode, which draws exactly the planned count from each. :class:`Mi
 puts the segments one after the other, so blends switch at exact sample boundaries and sample
 ``i`` is a pure function of (mixture, stage, seed, i): resuming at ``consumed_samples = k`` reads
 what an uninterrupted run reads.
+
+A source that continues an earlier stage's stream (``continues`` in the mixture) gets that stage's
+GPTDatasets, rebuilt with its seed and sample count (so the same indices, or a cache hit), followed
+by a new pass when they run out (:class:`SourceStream`); the stage's slices start at the sample
+where the earlier stage's planned samples end.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ class DatasetTokenizer:
 
 
 def stage_seed(seed: int, stage: str) -> int:
-    """The data seed of a stage: stages sharing a source must not replay its document order."""
+    """The data seed of a stage: stages sharing a source must not replay its document order (a
+    source that continues an earlier stage's stream keeps the seeds of that stream's passes)."""
     digest = hashlib.sha256(f"{seed}:{stage}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
@@ -69,6 +75,26 @@ class SourceSlice(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         return self.dataset[self.offset + int(index)]
+
+
+class SourceStream(torch.utils.data.Dataset):
+    """A source's GPTDataset passes back to back (one source's stream across stages)."""
+
+    def __init__(self, passes: list):
+        self.passes = passes
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in passes])]).astype(np.int64)
+        self.index_split = passes[0].index_split
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("passes", [p.unique_identifiers for p in passes])])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        number = bisect.bisect_right(self.starts, index) - 1
+        return self.passes[number][int(index) - int(self.starts[number])]
 
 
 class MixtureTrainDataset(torch.utils.data.Dataset):
@@ -137,6 +163,7 @@ class MixtureDatasets:
     plan: MixturePlan
     sources: list[str] = field(default_factory=list)
     seed: int = 0
+    streams: list[list] = field(default_factory=list)  # per source: its GPTDataset passes (plan's stream)
     _keepalive: object = None  # the temporary cache directory, when no cache_dir was given
 
     def category_of_samples(self, start: int, stop: int) -> np.ndarray:
@@ -217,23 +244,33 @@ def build_mixture_datasets(
     # single-process builds keep those (cheap, exact) indices in memory instead.
     blend_config = config if distributed else _without_cache(config)
 
-    train_parts, valid_parts = [], []
+    train_parts, valid_parts, streams = [], [], []
     sources = plan.sources
     bar = tqdm(sources, desc=f"indexing {plan.stage} sources", unit="source", disable=not progress)
     for source in bar:
         bar.set_postfix_str(source.name)
-        source_config = copy.copy(config)
-        source_config.blend = ([source.prefix], None)
-        train, valid, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, [max(source.samples, 1), None, None], is_built_on_rank, source_config).build()
-        if train is None:
-            raise RuntimeError(f"source {source.name}: megatron-core built no dataset on this rank")
-        train_parts.append(train)
+        passes, valid = [], None
+        for stream_pass in source.stream:
+            source_config = copy.copy(config)
+            source_config.blend = ([source.prefix], None)
+            source_config.random_seed = stage_seed(seed, stream_pass.stage)
+            train, pass_valid, _ = BlendedMegatronDatasetBuilder(
+                GPTDataset, [stream_pass.num_samples, None, None], is_built_on_rank, source_config).build()
+            if train is None:
+                raise RuntimeError(f"source {source.name}: megatron-core built no dataset on this rank")
+            if source.continues is not None and len(train) != stream_pass.length:
+                raise RuntimeError(f"source {source.name}: megatron-core built {len(train)} samples for the "
+                                   f"stream pass of stage {stream_pass.stage!r}; the plan expected "
+                                   f"{stream_pass.length}, so the continuation offsets would be wrong")
+            passes.append(train)
+            valid = valid if valid is not None else pass_valid  # the first pass's seed orders it
+        train_parts.append(passes[0] if len(passes) == 1 else SourceStream(passes))
         valid_parts.append(valid)
+        streams.append(passes)
 
     source_categories = plan.source_category_ids()
     segments, segment_sources = [], []
-    offsets = np.zeros(len(sources), dtype=np.int64)
+    offsets = np.array([s.stream_start for s in sources], dtype=np.int64)
     with _quiet_blends(not distributed):
         for segment in plan.segments:
             ids = [i for i, s in enumerate(sources) if segment.samples[s.name] > 0]
@@ -254,7 +291,8 @@ def build_mixture_datasets(
             valid = _valid_datasets(plan, valid_parts, valid_samples_per_category, _without_cache(config))
 
     return MixtureDatasets(train=train_dataset, categories=list(plan.categories), valid=valid, plan=plan,
-                           sources=[s.name for s in sources], seed=data_seed, _keepalive=keepalive)
+                           sources=[s.name for s in sources], seed=data_seed, streams=streams,
+                           _keepalive=keepalive)
 
 
 def _valid_datasets(plan: MixturePlan, valid_parts: list, per_category: int, config) -> dict:

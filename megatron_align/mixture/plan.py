@@ -6,6 +6,15 @@ sources' (train-split) tokens; within a category, sources are weighted by tokens
 whole samples (every megatron sample is ``seq_length`` tokens, so token shares and sample shares
 are the same thing) by largest-remainder rounding inside each segment, so a segment holds exactly
 ``steps * global_batch_size`` samples and a windowed category never leaks outside its window.
+
+Every source is read as a *stream*: one or more megatron-core ``GPTDataset`` passes over its
+train split, back to back, each described by the stage whose data seed shuffles it and the
+``num_samples`` it is built for (:class:`StreamPass`). A stage reads ``samples`` consecutive
+samples of the stream from ``stream_start``. Normally the stream is the stage's own one pass and
+``stream_start`` is 0. A source that ``continues`` an earlier stage takes over that stage's stream
+(same passes, so the same shuffle) and starts where the earlier stage's planned samples end; when
+those passes run out, a new pass (the next epoch, shuffled with this stage's seed) follows. The
+offsets come from the earlier stage's plan, never from a run.
 """
 from __future__ import annotations
 
@@ -25,6 +34,16 @@ _SLACK = 1e-9  # relative tolerance when checking that fixed targets fit in a se
 
 
 @dataclass
+class StreamPass:
+    """One megatron-core GPTDataset over a source's train split: shuffled with ``stage``'s data
+    seed, built for ``num_samples`` samples, holding ``length`` (whole epochs' worth)."""
+
+    stage: str
+    num_samples: int
+    length: int
+
+
+@dataclass
 class SourcePlan:
     name: str
     category: str
@@ -37,6 +56,24 @@ class SourcePlan:
     planned_tokens: int  # samples * seq_length
     share: float  # of the stage's samples
     epochs: float  # planned tokens / train-split tokens
+    continues: Optional[str] = None  # the earlier stage whose stream this source continues
+    stream: list[StreamPass] = field(default_factory=list)
+    stream_start: int = 0  # the stage reads stream samples [stream_start, stream_start + samples)
+
+    @property
+    def stream_end(self) -> int:
+        return self.stream_start + self.samples
+
+    def stream_windows(self) -> list[tuple[int, int, int]]:
+        """(pass, first, end) sample ranges this stage reads, inside each pass it touches."""
+        windows, offset = [], 0
+        for number, stream_pass in enumerate(self.stream):
+            lo = max(self.stream_start, offset) - offset
+            hi = min(self.stream_end, offset + stream_pass.length) - offset
+            if lo < hi:
+                windows.append((number, lo, hi))
+            offset += stream_pass.length
+        return windows
 
 
 @dataclass
@@ -108,12 +145,29 @@ class MixturePlan:
             "valid_fraction": self.valid_fraction,
             "categories": self.categories,
             "tokenizer_sha256": self.tokenizer.get("sha256"),
-            "sources": [{"name": s.name, "category": s.category, "documents": s.documents,
-                         "tokens": s.tokens} for s in self.sources],
+            "sources": [_normalised_source(s) for s in self.sources],
             "segments": [{"steps": [seg.start_step, seg.end_step],
                           "samples": [seg.samples[name] for name in self.source_names]}
                          for seg in self.segments],
         }
+
+
+def _normalised_source(source: SourcePlan) -> dict:
+    entry = {"name": source.name, "category": source.category, "documents": source.documents,
+             "tokens": source.tokens}
+    if source.continues is not None:  # only then: plans without continuation keep their hash
+        entry.update(continues=source.continues, stream_start=source.stream_start,
+                     stream=[asdict(p) for p in source.stream])
+    return entry
+
+
+def gpt_dataset_length(train_tokens: int, seq_length: int, num_samples: int) -> int:
+    """Samples in a megatron-core GPTDataset built for ``num_samples``: it holds whole epochs, as
+    many as the samples (plus the one extra label token) need, cut into ``seq_length`` pieces
+    with the last partial piece dropped (checked against the built dataset)."""
+    needed = num_samples * seq_length + 1
+    epochs = max(1, -(-needed // train_tokens))
+    return (epochs * train_tokens - 1) // seq_length
 
 
 def stage_iterations(mixture: Mixture, stage: Optional[str], *, seq_length: Optional[int] = None,
@@ -130,8 +184,16 @@ def resolve_stage(mixture: Mixture, stage: Optional[str] = None, *, seq_length: 
     """Resolve ``stage`` into a :class:`MixturePlan`.
 
     ``seq_length``, ``global_batch_size`` and ``iterations`` come from the run; when the mixture
-    also states them they must agree (a mismatch is an error that shows both numbers).
+    also states them they must agree (a mismatch is an error that shows both numbers). A stage
+    that continues earlier ones resolves them too, from the mixture alone.
     """
+    infos = dict(sources) if sources is not None else {}
+    return _resolve(mixture, stage, seq_length, global_batch_size, iterations, infos, {})
+
+
+def _resolve(mixture: Mixture, stage: Optional[str], seq_length: Optional[int],
+             global_batch_size: Optional[int], iterations: Optional[int],
+             known_sources: dict[str, SourceInfo], earlier_plans: dict[str, MixturePlan]) -> MixturePlan:
     stage_ = mixture.stage(stage)
     seq, gbs = _shape(mixture, stage_, seq_length, global_batch_size)
     steps = _iterations(stage_, seq, gbs, iterations)
@@ -141,8 +203,10 @@ def resolve_stage(mixture: Mixture, stage: Optional[str] = None, *, seq_length: 
     for category in used_categories:
         if not any(s.category == category for s in used_sources):
             raise MixtureError(f"{stage_.rule_for(category).where}: no source has category {category!r}")
-    infos = sources if sources is not None else inspect_sources(mixture, [s.name for s in used_sources])
-    infos = {s.name: infos[s.name] for s in used_sources}
+    missing = [s.name for s in used_sources if s.name not in known_sources]
+    if missing:
+        known_sources.update(inspect_sources(mixture, missing))
+    infos = {s.name: known_sources[s.name] for s in used_sources}
 
     windows = {rule.category: _window_steps(rule, steps) for rule in stage_.rules}
     cuts = sorted({0, steps, *(b for window in windows.values() for b in window)})
@@ -172,9 +236,18 @@ def resolve_stage(mixture: Mixture, stage: Optional[str] = None, *, seq_length: 
         if epochs > mixture.max_epochs:
             warnings.append(f"source {info.name!r} ({info.category}) is read {epochs:.1f} times "
                             f"(more than max_epochs {mixture.max_epochs:g}): repeated data")
-        source_plans.append(SourcePlan(info.name, info.category, info.prefix, info.documents, info.tokens,
-                                       info.train_documents, info.train_tokens, planned, planned * seq,
-                                       planned / total_samples, epochs))
+        source_plan = SourcePlan(info.name, info.category, info.prefix, info.documents, info.tokens,
+                                 info.train_documents, info.train_tokens, planned, planned * seq,
+                                 planned / total_samples, epochs)
+        earlier, where = stage_.continuation(info.category)
+        if earlier is not None and mixture.stage(earlier).rule_for(info.category) is not None:
+            earlier_plan = _earlier_plan(mixture, earlier, where, known_sources, earlier_plans)
+            warnings += _continue_stream(source_plan, earlier_plan, stage_.name, seq, where)
+            warnings += _skipped_stages(mixture, stage_.name, earlier, info)
+        else:
+            source_plan.stream = [StreamPass(stage_.name, max(planned, 1),
+                                             gpt_dataset_length(info.train_tokens, seq, max(planned, 1)))]
+        source_plans.append(source_plan)
     for plan in source_plans:
         if plan.samples == 0:
             warnings.append(f"source {plan.name!r} ({plan.category}) gets no sample in stage {stage_.name!r}")
@@ -189,6 +262,53 @@ def resolve_stage(mixture: Mixture, stage: Optional[str] = None, *, seq_length: 
     )
     plan.hash = hashlib.sha256(json.dumps(plan.normalised(), sort_keys=True).encode()).hexdigest()
     return plan
+
+
+def _earlier_plan(mixture: Mixture, earlier: str, where: str, known_sources: dict[str, SourceInfo],
+                  earlier_plans: dict[str, MixturePlan]) -> MixturePlan:
+    """The plan of an earlier stage, from the mixture alone (its run is not at hand)."""
+    if earlier not in earlier_plans:
+        try:
+            earlier_plans[earlier] = _resolve(mixture, earlier, None, None, None, known_sources, earlier_plans)
+        except MixtureError as err:
+            raise MixtureError(f"{where}: continuing stage {earlier!r} needs that stage's plan from the "
+                               f"mixture alone (its seq_length, global_batch_size and budget): {err}") from None
+    return earlier_plans[earlier]
+
+
+def _continue_stream(source: SourcePlan, earlier_plan: MixturePlan, stage: str, seq: int,
+                     where: str) -> list[str]:
+    """``source`` (of ``stage``) reads the stream of the same source in ``earlier_plan`` from where
+    that stage stopped; returns warnings."""
+    if earlier_plan.seq_length != seq:
+        raise MixtureError(
+            f"{where}: stage {earlier_plan.stage!r} reads source {source.name!r} in samples of "
+            f"{earlier_plan.seq_length} tokens and this stage in samples of {seq}; a continued stream is "
+            "counted in samples, so both stages need the same seq_length")
+    before = next(s for s in earlier_plan.sources if s.name == source.name)
+    source.continues = earlier_plan.stage
+    source.stream_start = before.stream_end
+    source.stream = list(before.stream)
+    available = sum(p.length for p in source.stream)
+    if source.stream_end <= available:
+        return []
+    more = source.stream_end - available  # the earlier passes run out: the next epoch follows
+    source.stream.append(StreamPass(stage, more, gpt_dataset_length(source.train_tokens, seq, more)))
+    return [f"source {source.name!r} continues stage {earlier_plan.stage!r} past the end of its "
+            f"stream: {more} of its {source.samples} samples come from a new epoch (documents read again)"]
+
+
+def _skipped_stages(mixture: Mixture, stage: str, earlier: str, info: SourceInfo) -> list[str]:
+    """Stages between ``earlier`` and ``stage`` that read the source too: ``stage`` does not
+    continue their reading of it."""
+    names = list(mixture.stages)
+    between = names[names.index(earlier) + 1:names.index(stage)]
+    readers = [name for name in between if mixture.stages[name].rule_for(info.category) is not None]
+    if not readers:
+        return []
+    return [f"source {info.name!r}: stage {stage!r} continues stage {earlier!r}, but "
+            f"{', '.join(repr(r) for r in readers)} (in between) read{'s' if len(readers) == 1 else ''} it "
+            f"too; to go on after {readers[-1]!r}, write continues: {readers[-1]}"]
 
 
 def _shape(mixture: Mixture, stage: Stage, seq_length: Optional[int],

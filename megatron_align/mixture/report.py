@@ -5,12 +5,14 @@ Realised numbers are passed in as arrays counted from megatron-core's BlendedDat
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Callable, Optional
 
 import numpy as np
 
 from megatron_align.io import atomic_path
-from megatron_align.mixture.plan import MixturePlan
+from megatron_align.mixture.plan import MixturePlan, SourcePlan
+from megatron_align.mixture.reads import DocumentReads
 
 
 def _tokens(n: float) -> str:
@@ -27,8 +29,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def composition_tables(plan: MixturePlan, realised: Optional[np.ndarray] = None) -> str:
-    """Per-source and per-category tables; ``realised`` is samples per (segment, source)."""
+def composition_tables(plan: MixturePlan, realised: Optional[np.ndarray] = None,
+                       reads: Optional[dict[str, DocumentReads]] = None) -> str:
+    """Per-source and per-category tables; ``realised`` is samples per (segment, source),
+    ``reads`` the documents each source's samples read (first time / resumed / repeats)."""
     total = plan.num_samples
     realised_per_source = realised.sum(axis=0) if realised is not None else None
     rows = []
@@ -37,14 +41,21 @@ def composition_tables(plan: MixturePlan, realised: Optional[np.ndarray] = None)
                f"{source.share:.3%}", f"{source.epochs:.2f}"]
         if realised is not None:
             row.append(f"{realised_per_source[i] / total:.3%}")
+        if reads is not None:
+            counted = reads[source.name]
+            row += [str(counted.documents), str(counted.first_seen), str(counted.resumed), str(counted.repeats)]
         rows.append(row)
     header = ["source", "category", "train tokens", "planned", "share", "epochs"]
     if realised is not None:
         header.append("realised")
+    if reads is not None:
+        header += ["docs read", "first time", "resumed", "repeats"]
     out = [f"stage {plan.stage}: {plan.iterations} steps x {plan.global_batch_size} samples x "
            f"{plan.seq_length} tokens = {_tokens(plan.num_samples * plan.seq_length)} tokens "
            f"({len(plan.segments)} segment{'s' if len(plan.segments) != 1 else ''})",
-           _table(header, rows), ""]
+           _table(header, rows)]
+    out += [continuation_line(plan.stage, s) for s in plan.sources if s.continues is not None]
+    out += [""]
 
     rows = []
     planned_categories = plan.category_samples()
@@ -71,9 +82,23 @@ def composition_tables(plan: MixturePlan, realised: Optional[np.ndarray] = None)
     return "\n".join(out)
 
 
-def plan_summary(plan: MixturePlan, realised: Optional[np.ndarray] = None) -> dict:
-    """plan.json content for one stage: the plan plus the realised counts."""
+def continuation_line(stage: str, source: SourcePlan) -> str:
+    """Where the samples of a source that continues an earlier stage come from, in one line."""
+    text = (f"{source.name}: continues stage {source.continues}'s stream at sample {source.stream_start:,} "
+            f"(reads stream samples [{source.stream_start:,}, {source.stream_end:,}))")
+    if len(source.stream) > 1 and source.stream[-1].stage == stage:  # a pass this stage added
+        earlier = sum(p.length for p in source.stream[:-1])
+        text += (f"; the earlier passes end at {earlier:,}, so the last "
+                 f"{source.stream_end - max(earlier, source.stream_start):,} come from a new epoch")
+    return text
+
+
+def plan_summary(plan: MixturePlan, realised: Optional[np.ndarray] = None,
+                 reads: Optional[dict[str, DocumentReads]] = None) -> dict:
+    """plan.json content for one stage: the plan plus the realised counts and document reads."""
     summary = plan.to_dict()
+    if reads is not None:
+        summary["documents_read"] = {name: asdict(counted) for name, counted in reads.items()}
     if realised is not None:
         summary["realised"] = {
             "samples_per_segment_per_source": realised.tolist(),

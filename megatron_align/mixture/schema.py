@@ -16,6 +16,11 @@ per training stage, a budget and one rule per category::
         rules:
           base: natural
           aligned_discourse: {share: 0.01, window: {last: 0.1}}
+      cpt:
+        continues: pretrain                    # shared sources go on where pretrain stopped
+        tokens: 5.0e7
+        rules:
+          base: natural
 
 Rules: ``natural`` (share the tokens the other rules leave, in proportion to source size),
 ``share`` (fraction of the stage's tokens, spread over the window), ``window_share`` (fraction of
@@ -23,6 +28,10 @@ the tokens inside the window), ``upsample`` (k times the category's natural shar
 window) and ``tokens`` (an absolute count, spread over the window). Windows: ``whole`` (default),
 ``{first: f}``, ``{last: f}`` (fractions of the stage's steps) or ``{steps: [a, b]}`` (steps
 ``a <= step < b``).
+
+``continues: STAGE`` (in a stage, or in one rule for that category's sources) makes the stage read
+each source it shares with the earlier stage ``STAGE`` from where that stage's sample stream
+stopped, instead of reshuffling it (see ``plan.py``).
 """
 from __future__ import annotations
 
@@ -82,6 +91,8 @@ class Rule:
     value: Optional[float]  # None for natural
     window: Window = WHOLE
     where: str = ""
+    continues: Optional[str] = None  # the earlier stage whose stream this category's sources continue
+    continues_where: str = ""
 
     def describe(self) -> str:
         text = self.kind if self.value is None else f"{self.kind} {self.value:g}"
@@ -106,9 +117,19 @@ class Stage:
     seq_length: Optional[int] = None
     where: str = ""
     budget_where: str = ""
+    continues: Optional[str] = None  # the earlier stage whose streams the shared sources continue
+    continues_where: str = ""
 
     def rule_for(self, category: str) -> Optional[Rule]:
         return next((rule for rule in self.rules if rule.category == category), None)
+
+    def continuation(self, category: str) -> tuple[Optional[str], str]:
+        """(earlier stage, file:line of the key) that ``category``'s sources continue, if any;
+        a rule's ``continues`` wins over the stage's."""
+        rule = self.rule_for(category)
+        if rule is not None and rule.continues is not None:
+            return rule.continues, rule.continues_where
+        return self.continues, self.continues_where
 
 
 @dataclass(frozen=True)
@@ -220,7 +241,7 @@ def _expand_vars(text: str, fail) -> str:
 _TOP_KEYS = ("name", "description", "data_root", "seq_length", "global_batch_size", "valid_fraction",
              "max_epochs", "sources", "stages")
 _SOURCE_KEYS = ("prefix", "category")
-_STAGE_KEYS = ("tokens", "iterations", "global_batch_size", "seq_length", "rules")
+_STAGE_KEYS = ("tokens", "iterations", "global_batch_size", "seq_length", "continues", "rules")
 
 
 def load_mixture(path: Union[str, os.PathLike]) -> Mixture:
@@ -263,6 +284,7 @@ def parse_mixture(document: Any, path: str) -> Mixture:
     stages = {}
     for name in stages_map:
         stages[str(name)] = _parse_stage(r, stages_map, str(name), known_categories)
+    _check_continuations(stages, sources)
 
     return Mixture(
         path=path,
@@ -326,11 +348,14 @@ def _parse_stage(r: _Reader, stages_map: LineMap, name: str, known_categories: l
     for category in rules_map:
         rules.append(_parse_rule(r, rules_map, str(category), f"{keypath}.rules.{category}", known_categories))
     budget_key = "tokens" if "tokens" in entry else "iterations" if "iterations" in entry else None
+    continues = r.string(entry, "continues", f"{keypath}.continues") if "continues" in entry else None
     return Stage(
         name=name, rules=tuple(rules), tokens=tokens, iterations=iterations, global_batch_size=gbs,
         seq_length=seq, where=r.where(stages_map, name, keypath),
         budget_where=r.where(entry, budget_key, f"{keypath}.{budget_key}") if budget_key else
         r.where(stages_map, name, keypath),
+        continues=continues,
+        continues_where=r.where(entry, "continues", f"{keypath}.continues") if continues else "",
     )
 
 
@@ -346,7 +371,7 @@ def _parse_rule(r: _Reader, rules_map: LineMap, category: str, keypath: str,
     if not isinstance(value, dict):
         raise r.fail(rules_map, category, keypath,
                      f"expected 'natural' or a mapping with one of {', '.join(RULE_KINDS)}, got {describe_value(value)}")
-    r.only_keys(value, RULE_KINDS + ("window",), keypath)
+    r.only_keys(value, RULE_KINDS + ("window", "continues"), keypath)
     kinds = [key for key in value if key in RULE_KINDS]
     if len(kinds) != 1:
         raise r.fail(rules_map, category, keypath,
@@ -366,7 +391,60 @@ def _parse_rule(r: _Reader, rules_map: LineMap, category: str, keypath: str,
     window = _parse_window(r, value, f"{keypath}.window") if "window" in value else WHOLE
     if kind == "window_share" and window.kind == "whole":
         raise r.fail(value, kind, rule_keypath, "window_share needs a window (use share for the whole stage)")
-    return Rule(category, kind, number, window, where)
+    continues = r.string(value, "continues", f"{keypath}.continues") if "continues" in value else None
+    continues_where = r.where(value, "continues", f"{keypath}.continues") if continues else ""
+    return Rule(category, kind, number, window, where, continues, continues_where)
+
+
+def _check_continuations(stages: dict[str, Stage], sources: list[Source]) -> None:
+    """``continues`` names an earlier stage that reads the sources in question. Stages run in the
+    order they are written, so a later stage (or the stage itself) is refused, which also rules
+    out cycles."""
+    order = list(stages)
+    for position, stage in enumerate(stages.values()):
+        named = [(stage.continues, stage.continues_where, None)] if stage.continues else []
+        named += [(rule.continues, rule.continues_where, rule.category) for rule in stage.rules if rule.continues]
+        for earlier, where, category in named:
+            if earlier not in stages:
+                raise MixtureError(f"{where}: no stage {earlier!r} (stages: {', '.join(order)})")
+            if earlier == stage.name:
+                raise MixtureError(f"{where}: a stage cannot continue itself")
+            if order.index(earlier) > position:
+                cycle = _continuation_cycle(stages, earlier, stage.name)
+                raise MixtureError(
+                    f"{where}: stage {earlier!r} comes after {stage.name!r} in the mixture; a stage can "
+                    f"only continue an earlier one (stages run in the order they are written)"
+                    + (f"; this is a cycle: {' -> '.join([stage.name, *cycle])}" if cycle else ""))
+            other = stages[earlier]
+            if category is not None:
+                if other.rule_for(category) is None:
+                    raise MixtureError(f"{where}: stage {earlier!r} reads no {category!r} source "
+                                       f"(its rules: {', '.join(r.category for r in other.rules)})")
+            elif not _shared_sources(stage, other, sources):
+                raise MixtureError(
+                    f"{where}: stage {earlier!r} reads none of the sources of stage {stage.name!r} "
+                    f"({earlier}: {', '.join(r.category for r in other.rules)}; "
+                    f"{stage.name}: {', '.join(r.category for r in stage.rules)})")
+
+
+def _shared_sources(stage: Stage, other: Stage, sources: list[Source]) -> list[str]:
+    return [s.name for s in sources if stage.rule_for(s.category) and other.rule_for(s.category)]
+
+
+def _continuation_cycle(stages: dict[str, Stage], start: str, back_to: str) -> list[str]:
+    """The stages from ``start`` following ``continues`` keys back to ``back_to``, or []."""
+    path, seen, current = [start], {start}, start
+    while current != back_to:
+        stage = stages[current]
+        targets = [stage.continues] + [rule.continues for rule in stage.rules]
+        nxt = next((t for t in targets if t == back_to), None) or next(
+            (t for t in targets if t in stages and t not in seen), None)
+        if nxt is None:
+            return []
+        path.append(nxt)
+        seen.add(nxt)
+        current = nxt
+    return path
 
 
 def _parse_window(r: _Reader, parent: LineMap, keypath: str) -> Window:
