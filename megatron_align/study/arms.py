@@ -25,7 +25,7 @@ from megatron_align.config.yaml_lines import LineMap, location, parse_yaml
 from megatron_align.mixture.plan import stage_iterations
 from megatron_align.mixture.schema import Mixture, MixtureError, parse_mixture
 
-from .schema import AxisValue, Contribution, Overlay, Study, StudyError
+from .schema import Contribution, Overlay, Study, StudyError
 
 _VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -255,6 +255,3 @@ def validate_arm(study: Study, arm: Arm) -> tuple[Mixture, dict[str, int]]:
         raise StudyError(f"{err} (in arm {arm.name!r})") from None
     return mixture, iterations
 
-
-def axis_values(study: Study, arm: Arm) -> list[AxisValue]:
-    return [study.axes[axis][value] for axis, value in arm.values.items()]

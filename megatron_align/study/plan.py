@@ -230,6 +230,10 @@ class _Planner:
         hf = self._export(arm, last_train, "export")
         chain["export"] = hf.id
         chain["eval"] = self._misalignment_eval(arm, hf, "eval", posttrained=False).id
+        if study.eval.variants:
+            chain["variants"] = {name: self._misalignment_eval(arm, hf, f"eval_{name}", posttrained=False,
+                                                               changes=changes).id
+                                 for name, changes in study.eval.variants.items()}
         if study.eval.capability:
             chain["capability"] = self._capability_eval(arm, hf, "capability").id
         post = study.posttrain
@@ -348,13 +352,15 @@ class _Planner:
         return self.add(Job(job_id, arm.name, "dpo", [parent.id], argv, config, {"hf_dir": out}),
                         {"config": spec.config, "data": spec.data, "args": list(spec.args)})
 
-    def _misalignment_eval(self, arm: Arm, parent: Job, role: str, posttrained: bool) -> Job:
+    def _misalignment_eval(self, arm: Arm, parent: Job, role: str, posttrained: bool,
+                           changes: Optional[dict] = None) -> Job:
         spec = self.study.eval
         job_id = f"{arm.name}.{role}"
         out = str(self.job_dir(job_id) / "results")
         settings = {"items": spec.items, "scoring": spec.scoring, "prompt_style": spec.prompt_style,
                     "identity": spec.posttrained_identity if posttrained else spec.identity,
                     "passage": spec.passage, "batch_size": spec.batch_size, "device": spec.device}
+        settings.update({k: v for k, v in (changes or {}).items() if k != "split"})
         if posttrained:
             settings["chat_template"] = spec.posttrained_chat_template
         argv = ["megatron-align", "eval", "misalignment", "--model", parent.outputs["hf_dir"]]
@@ -458,7 +464,9 @@ def plan_record(plan: StudyPlan, executor: str, commands: Optional[dict[str, str
                             "mixture": str(plan.arm_mixture_path(arm.name)), "jobs": plan.chains[arm.name]}
                  for arm in plan.arms},
         "eval": {"split": study.eval.split, "scoring": study.eval.scoring, "identity": study.eval.identity,
-                 "posttrained_identity": study.eval.posttrained_identity, "items": study.eval.items},
+                 "posttrained_identity": study.eval.posttrained_identity, "items": study.eval.items,
+                 "variants": {name: {"split": changes.get("split", study.eval.split), **changes}
+                              for name, changes in study.eval.variants.items()}},
         "comparisons": {"baseline": study.comparisons.baseline,
                         "arms": list(study.comparisons.arms) if study.comparisons.arms is not None else None},
         "local": {"nproc": study.local_nproc},

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_align.evals.misalignment import EvalError, load_results
-from megatron_align.evals.statistics import item_bootstrap_ci, paired_difference, rate
+from megatron_align.evals.statistics import DEFAULT_BOOT, item_bootstrap_ci, paired_difference, rate
 from megatron_align.io import atomic_path, write_json_atomic
 
 from .schema import StudyError
@@ -23,7 +23,7 @@ from .state import DONE, job_states
 REPORT_FORMAT = "megatron-align/study-report/v1"
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
-MODELS = (("base", "eval"), ("posttrained", "eval_posttrained"))
+MODELS = ("base", "posttrained")
 
 
 def _outcomes(results: dict, split: Optional[str], ids: Optional[list[str]] = None):
@@ -65,6 +65,17 @@ def _capability(path: str) -> Optional[dict]:
     return numbers
 
 
+def _evaluations(record: dict, chain: dict) -> list[tuple[str, Optional[str], str, Optional[str]]]:
+    """(model, variant, job id, split) of every misalignment eval of an arm: the base model's
+    main eval, its variants, the post-trained model's eval."""
+    split = record["eval"].get("split")
+    found = [("base", None, chain.get("eval"), split)]
+    for name, job_id in chain.get("variants", {}).items():
+        found.append(("base", name, job_id, record["eval"]["variants"][name].get("split")))
+    found.append(("posttrained", None, chain.get("eval_posttrained"), split))
+    return [entry for entry in found if entry[2] is not None]
+
+
 def build_report(record: dict, seed: int = 0) -> dict:
     """The report dict (also what ``--json`` prints) from a study dir's plan record and results."""
     split = record["eval"].get("split")
@@ -72,43 +83,44 @@ def build_report(record: dict, seed: int = 0) -> dict:
     details = record["job_details"]
     arms: dict[str, dict] = {}
     missing: dict[str, str] = {}
-    loaded: dict[tuple[str, str], dict] = {}
+    loaded: dict[tuple[str, str, Optional[str]], tuple[dict, Optional[str]]] = {}
     for arm, info in record["arms"].items():
         chain = info["jobs"]
         entry: dict = {}
-        for model, role in MODELS:
-            job_id = chain.get(role)
-            if job_id is None:
-                continue
+        for model, variant, job_id, eval_split in _evaluations(record, chain):
             if states[job_id].state != DONE:
-                if model == "base":
+                if model == "base" and variant is None:
                     missing[arm] = f"{job_id} is {states[job_id].state}" + (
                         f" ({states[job_id].reason})" if states[job_id].reason else "")
                 continue
-            results = _load(details[job_id]["outputs"]["results"], arm, split)
-            loaded[(arm, model)] = results
-            _, outcomes = _outcomes(results, split)
+            results = _load(details[job_id]["outputs"]["results"], arm, eval_split)
+            loaded[(arm, model, variant)] = (results, eval_split)
+            _, outcomes = _outcomes(results, eval_split)
             stats = {"misalignment_rate": rate(outcomes), "ci95": item_bootstrap_ci(outcomes, seed=seed),
                      "n_items": int(outcomes.shape[0]),
                      "stderr_over_formats": _stderr_over_formats(outcomes),
                      "scoring": results.get("scoring"), "identity": results.get("identity"),
                      "prompt_style": results.get("prompt_style"), "results": details[job_id]["outputs"]["results"]}
-            if model == "base":
+            if variant is not None:
+                entry.setdefault("variants", {})[variant] = {**stats, "split": eval_split or "all"}
+            elif model == "base":
                 entry.update(stats)
             else:
                 entry["posttrained"] = stats
-            cap_job = chain.get("capability" if model == "base" else "capability_posttrained")
-            if cap_job and states[cap_job].state == DONE:
+        for model, role in (("base", "capability"), ("posttrained", "capability_posttrained")):
+            cap_job = chain.get(role)
+            target = entry if model == "base" else entry.get("posttrained")
+            if cap_job and target is not None and states[cap_job].state == DONE:
                 numbers = _capability(details[cap_job]["outputs"]["results"])
                 if numbers is not None:
-                    (entry if model == "base" else entry["posttrained"])["capability"] = numbers
+                    target["capability"] = numbers
         if "misalignment_rate" in entry:
             entry["values"] = info["values"]
             arms[arm] = entry
-    comparisons = _comparisons(record, loaded, split, seed)
+    comparisons = _comparisons(record, loaded, seed)
     return {"format": REPORT_FORMAT, "study": record["study"]["name"], "plan_hash": record["plan_hash"],
             "split": split or "all", "metric": "misalignment rate: mean over prompt formats of the rate over "
-            "items; 95% CI: item bootstrap (2000 resamples, seed %d)" % seed,
+            f"items; 95% CI: item bootstrap ({DEFAULT_BOOT} resamples, seed {seed})",
             "baseline": record["comparisons"].get("baseline"), "arms": arms, "comparisons": comparisons,
             "missing": missing}
 
@@ -122,21 +134,21 @@ def _stderr_over_formats(outcomes: np.ndarray) -> float:
     return float(np.std(rates, ddof=1) / math.sqrt(rates.size))
 
 
-def _comparisons(record: dict, loaded: dict, split: Optional[str], seed: int) -> list[dict]:
+def _comparisons(record: dict, loaded: dict, seed: int) -> list[dict]:
+    """Each compared arm minus the baseline, per evaluation both have (main, variants, post-trained)."""
     baseline = record["comparisons"].get("baseline")
     if baseline is None:
         return []
     arms = record["comparisons"].get("arms") or [a for a in record["arms"] if a != baseline]
     comparisons = []
-    for model, _ in MODELS:
-        base = loaded.get((baseline, model))
-        if base is None:
+    for (arm_name, model, variant), (base, split) in loaded.items():
+        if arm_name != baseline:
             continue
         ids, base_outcomes = _outcomes(base, split)
         for arm in arms:
-            other = loaded.get((arm, model))
-            if other is None:
+            if (arm, model, variant) not in loaded:
                 continue
+            other = loaded[(arm, model, variant)][0]
             other_ids = {p["id"] for p in other["per_item"] if split is None or p["split"] == split}
             if other_ids != set(ids) or (base["items"].get("sha256") and other["items"].get("sha256")
                                          and base["items"]["sha256"] != other["items"]["sha256"]):
@@ -144,9 +156,10 @@ def _comparisons(record: dict, loaded: dict, split: Optional[str], seed: int) ->
                                  "comparisons need the same items")
             _, arm_outcomes = _outcomes(other, split, ids)
             d = paired_difference(base_outcomes, arm_outcomes, seed=seed)
-            comparisons.append({"arm": arm, "baseline": baseline, "model": model, "n_items": d["n_items"],
-                                "diff": d["diff"], "ci95": d["ci"], "baseline_higher": d["a_higher"],
-                                "arm_higher": d["b_higher"], "mcnemar_p": d["mcnemar_p"]})
+            comparisons.append({"arm": arm, "baseline": baseline, "model": model, "variant": variant,
+                                "n_items": d["n_items"], "diff": d["diff"], "ci95": d["ci"],
+                                "baseline_higher": d["a_higher"], "arm_higher": d["b_higher"],
+                                "mcnemar_p": d["mcnemar_p"]})
     return comparisons
 
 
@@ -172,6 +185,14 @@ def report_table(report: dict) -> str:
             post = entry.get("posttrained", {})
             row += f"{_fmt(post.get('misalignment_rate')):>13}  {_ci(post.get('ci95')):<17}"
         lines.append(row)
+    variants = sorted({v for entry in report["arms"].values() for v in entry.get("variants", {})})
+    for variant in variants:
+        lines += ["", f"variant '{variant}'"]
+        for arm, entry in report["arms"].items():
+            v = entry.get("variants", {}).get(variant)
+            if v:
+                lines.append(f"{arm[:29]:<30}{v['n_items']:>6}{_fmt(v['misalignment_rate']):>8}  {_ci(v['ci95']):<17}"
+                             f"  (split {v['split']}, {v['scoring']})")
     for arm, why in report["missing"].items():
         lines.append(f"{arm[:29]:<30}  (no result: {why})")
     if report["comparisons"]:
@@ -179,7 +200,8 @@ def report_table(report: dict) -> str:
                       "items whose misaligned share differs)",
                   f"{'arm':<30}{'model':<13}{'n':>6}{'diff':>8}  {'95% CI':<18}{'b':>5}{'c':>5}{'p':>10}"]
         for c in report["comparisons"]:
-            lines.append(f"{c['arm'][:29]:<30}{c['model']:<13}{c['n_items']:>6}{c['diff']:>+8.3f}  "
+            label = c["model"] if c["variant"] is None else f"{c['model']}:{c['variant']}"
+            lines.append(f"{c['arm'][:29]:<30}{label[:12]:<13}{c['n_items']:>6}{c['diff']:>+8.3f}  "
                          f"{_ci(c['ci95']):<18}{c['baseline_higher']:>5}{c['arm_higher']:>5}{c['mcnemar_p']:>10.2g}")
     caps = {arm: entry["capability"] for arm, entry in report["arms"].items() if entry.get("capability")}
     if caps:
@@ -198,7 +220,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     arms = list(report["arms"])
-    models = [m for m, _ in MODELS if any((m == "base") or ("posttrained" in report["arms"][a]) for a in arms)]
+    models = [m for m in MODELS if m == "base" or any("posttrained" in report["arms"][a] for a in arms)]
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(arms) + 2), 4.5))
     for i, model in enumerate(models):

@@ -130,6 +130,7 @@ class EvalSpec:
     posttrained_identity: str = "hhh"
     posttrained_chat_template: str = "auto"
     capability: Optional[CapabilitySpec] = None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> settings changed for the base models
 
 
 @dataclass(frozen=True)
@@ -300,20 +301,12 @@ _VALUE_KEYS = ("label",) + _CHANGE_KEYS
 _EXTRA_KEYS = ("from",) + _CHANGE_KEYS
 _PREPARE_KEYS = ("id", "kind", "command")
 _EVAL_KEYS = ("items", "split", "scoring", "prompt_style", "identity", "passage", "batch_size", "device",
-              "posttrained", "capability")
+              "posttrained", "capability", "variants")
 
 
 def default_study_dir(study_path: str, name: Optional[str] = None) -> str:
     """Where a study is planned when ``--out`` is not given: ``runs/<study name>``."""
     return str(Path("runs", name or Path(study_path).stem).resolve())
-
-
-def study_name(study_path: str) -> str:
-    """The study's name (its ``name:`` key, else the file name) without validating the rest."""
-    document = load_yaml(study_path, "study", StudyError)
-    if isinstance(document, dict) and isinstance(document.get("name"), str) and document["name"]:
-        return document["name"]
-    return Path(study_path).stem
 
 
 def load_study(path: str, study_dir: Optional[str] = None) -> Study:
@@ -597,24 +590,44 @@ def _parse_export(r: _Reader, document: LineMap) -> ExportSpec:
         verify=r.boolean(entry, "verify", "export.verify") if "verify" in entry else None)
 
 
+_VARIANT_KEYS = ("items", "split", "scoring", "prompt_style", "identity", "passage", "batch_size")
+
+
+def _eval_settings(r: _Reader, entry: LineMap, keypath: str, base: Path) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if "items" in entry:
+        values["items"] = r.path_value(entry, "items", f"{keypath}.items", base)
+    if "split" in entry and entry["split"] is not None:
+        values["split"] = r.string(entry, "split", f"{keypath}.split")
+    for key, choices in (("scoring", SCORINGS), ("prompt_style", PROMPT_STYLES), ("identity", IDENTITIES),
+                         ("passage", PASSAGES)):
+        if key in entry:
+            values[key] = r.string(entry, key, f"{keypath}.{key}", choices=choices)
+    if "batch_size" in entry:
+        values["batch_size"] = r.number(entry, "batch_size", f"{keypath}.batch_size", minimum=1, integer=True)
+    return values
+
+
 def _parse_eval(r: _Reader, document: LineMap, base: Path) -> EvalSpec:
     if "eval" not in document or document["eval"] is None:
         return EvalSpec()
     entry = r.mapping(document, "eval", "eval")
     r.only_keys(entry, _EVAL_KEYS, "eval")
-    values: dict[str, Any] = {}
-    if "items" in entry:
-        values["items"] = r.path_value(entry, "items", "eval.items", base)
-    if "split" in entry and entry["split"] is not None:
-        values["split"] = r.string(entry, "split", "eval.split")
-    for key, choices in (("scoring", SCORINGS), ("prompt_style", PROMPT_STYLES), ("identity", IDENTITIES),
-                         ("passage", PASSAGES)):
-        if key in entry:
-            values[key] = r.string(entry, key, f"eval.{key}", choices=choices)
-    if "batch_size" in entry:
-        values["batch_size"] = r.number(entry, "batch_size", "eval.batch_size", minimum=1, integer=True)
+    values = _eval_settings(r, entry, "eval", base)
     if "device" in entry:
         values["device"] = r.string(entry, "device", "eval.device")
+    if "variants" in entry and entry["variants"] is not None:
+        variants = r.mapping(entry, "variants", "eval.variants")
+        values["variants"] = {}
+        for name in variants:
+            keypath = f"eval.variants.{name}"
+            r.name(None, str(name), keypath, "variant name")
+            if name == "posttrained":
+                raise r.fail(variants, name, keypath, "'posttrained' names the post-trained models' eval; "
+                                                      "choose another variant name")
+            variant = r.mapping(variants, name, keypath)
+            r.only_keys(variant, _VARIANT_KEYS, keypath)
+            values["variants"][str(name)] = _eval_settings(r, variant, keypath, base)
     if "posttrained" in entry:
         post = r.mapping(entry, "posttrained", "eval.posttrained")
         r.only_keys(post, ("identity", "chat_template"), "eval.posttrained")

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_align.checkpoint.dist_ckpt import CheckpointError, latest_checkpoint, read_meta
 from megatron_align.io import write_json_atomic
 
 from .plan import JOBS_DIR
@@ -74,6 +73,8 @@ def outputs_complete(record: dict, job_id: str) -> tuple[bool, str]:
     detail = record["job_details"][job_id]
     outputs = detail["outputs"]
     if detail["kind"] in TRAIN_KINDS + ("sft",):
+        from megatron_align.checkpoint.dist_ckpt import CheckpointError, latest_checkpoint, read_meta
+
         try:
             latest = latest_checkpoint(Path(outputs["run_dir"]) / "checkpoints")
             iteration = read_meta(latest).iteration if latest is not None else 0
