@@ -415,13 +415,15 @@ def test_local_executor_runs_a_three_arm_study_and_resumes_after_a_kill(tiny_dat
     victim = jobs / "aligned.pretrain" / "run" / "checkpoints"
 
     first = _study_cli("run", str(study_file), "--out", str(out), "--jobs", "2", start_new_session=True)
-    deadline = time.time() + 600
-    while not (victim / "latest").is_file():  # the aligned arm trains last (plan order)
-        assert first.poll() is None, first.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)  # the executor and its running jobs
-    first.wait()
+    try:
+        deadline = time.time() + 600
+        while not (victim / "latest").is_file():  # the aligned arm trains last (plan order)
+            assert first.poll() is None, first.stdout.read()
+            assert time.time() < deadline, "the aligned arm's first checkpoint did not appear in 10 minutes"
+            time.sleep(0.02)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the executor and its running jobs
+        first.wait()
     done_before = {p.parent.name: p.stat().st_mtime_ns for p in jobs.glob("*/done.json")}
     assert "aligned.pretrain" not in done_before and {"ready", "misaligned.pretrain", "baseline.pretrain"} <= set(done_before)
 

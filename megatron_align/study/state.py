@@ -73,13 +73,9 @@ def outputs_complete(record: dict, job_id: str) -> tuple[bool, str]:
     detail = record["job_details"][job_id]
     outputs = detail["outputs"]
     if detail["kind"] in TRAIN_KINDS + ("sft",):
-        from megatron_align.checkpoint.dist_ckpt import CheckpointError, latest_checkpoint, read_meta
+        from megatron_align.checkpoint.files import latest_iteration
 
-        try:
-            latest = latest_checkpoint(Path(outputs["run_dir"]) / "checkpoints")
-            iteration = read_meta(latest).iteration if latest is not None else 0
-        except CheckpointError as err:
-            return False, str(err)
+        iteration = latest_iteration(Path(outputs["run_dir"]) / "checkpoints") or 0
         if iteration >= outputs["iterations"]:
             return True, ""
         return False, f"stopped at step {iteration} of {outputs['iterations']} (resumes from its checkpoint)"
