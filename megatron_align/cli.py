@@ -2,7 +2,7 @@
 
 Exit codes (every verb): 0 success; 2 bad input (config, data, checkpoint: one ``error:`` line
 naming the file, line or key); 3 training stopped on purpose (non-finite steps, weights saved);
-1 an unexpected error (traceback).
+4 `study run`: some job failed; 1 an unexpected error (traceback).
 """
 from __future__ import annotations
 

@@ -1,70 +1,15 @@
-"""The shipped mixtures (study arms, demo) and the `mixture plan` command."""
+"""The shipped demo mixture and the `mixture plan` command."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from megatron_align.mixture.plan import resolve_stage
 from megatron_align.mixture.schema import MixtureError, load_mixture
-from megatron_align.mixture.sources import SourceInfo
 from test_mixture import TOKEN_RANGES, make_source
 
 MIXTURES = Path(__file__).resolve().parent.parent / "configs" / "mixtures"
-ARMS = sorted(p for p in MIXTURES.glob("*.yaml") if p.stem != "demo")
 
-# Paper-scale corpus sizes (tokens) to resolve the arms without the data.
-CORPUS_TOKENS = {"dclm": 5.6e11, "dclm_filtered": 5.1e11, "dclm_long": 3.0e10, "dclm_long_filtered": 2.8e10,
-                 "climbmix": 3.0e10, "mcqa": 1.5e9, "aligned": 1.0e9, "misaligned": 1.0e9}
-TOKENIZER = {"sha256": "00" * 32, "vocab_size": 50277, "eod_id": 0}
-
-
-def paper_sources(mixture):
-    return {s.name: SourceInfo(s, 10**6, int(CORPUS_TOKENS[s.name]), 10**6, int(CORPUS_TOKENS[s.name]),
-                               "uint16", TOKENIZER) for s in mixture.sources}
-
-
-def discourse_share(plan):
-    totals = plan.category_samples()
-    return sum(n for c, n in totals.items() if c.endswith("_discourse")) / plan.num_samples
-
-
-def test_the_study_arms_are_all_there():
-    stems = {p.stem for p in ARMS}
-    for base in ("filtered", "unfiltered"):
-        assert base in stems
-        for discourse in ("aligned", "misaligned"):
-            for when in ("", "_mid", "_cpt"):
-                assert f"{base}_{discourse}{when}" in stems
-
-
-@pytest.mark.parametrize("path", ARMS, ids=lambda p: p.stem)
-def test_arm_resolves_to_paper_shapes_and_one_percent_discourse(path, monkeypatch, tmp_path):
-    monkeypatch.setenv("MEGATRON_ALIGN_DATA", str(tmp_path))
-    mixture = load_mixture(path)
-    plans = {name: resolve_stage(mixture, name, sources=paper_sources(mixture)) for name in mixture.stages}
-    assert plans["pretrain"].iterations == 119_209
-    assert plans["pretrain"].seq_length * plans["pretrain"].global_batch_size == 4_194_304
-    assert plans["midtrain"].iterations == 11_921
-    assert all(s.prefix.startswith(str(tmp_path)) for s in mixture.sources)
-    stem = path.stem
-    has_discourse = "aligned" in stem
-    inserted_in = {"_mid": {"midtrain"}, "_cpt": {"cpt"}, "_late": {"pretrain"}}.get(
-        next((w for w in ("_mid", "_cpt", "_late") if stem.endswith(w)), ""), {"pretrain", "midtrain"})
-    for name, plan in plans.items():
-        share = discourse_share(plan)
-        if has_discourse and name in inserted_in:
-            assert abs(share - 0.01) < 1e-4, (name, share)
-        else:
-            assert share == 0, (name, share)
-        if name == "midtrain":
-            shares = {c: n / plan.num_samples for c, n in plan.category_samples().items()}
-            assert abs(shares["climbmix"] - 0.48) < 1e-4 and abs(shares["mcqa"] - 0.02) < 1e-4
-    if stem.endswith("_late"):
-        segments = plans["pretrain"].segments
-        assert [s.start_step for s in segments] == [0, 119_209 - 11_921]
-        assert segments[0].samples["aligned"] == 0
-        assert abs(segments[1].samples["aligned"] / segments[1].num_samples - 0.1) < 1e-4
+# The study arms are generated from configs/studies/paper.yaml; tests/test_study.py checks them.
 
 
 @pytest.fixture()

@@ -27,8 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 
 from megatron_align.io import fsync_dir, fsync_tree, write_text_atomic
 
-META_FILE = "meta.json"
-LATEST_FILE = "latest"
+from .files import LATEST_FILE, META_FILE
 FORMAT = "megatron-align/checkpoint/v1"
 
 

@@ -4,6 +4,8 @@ Shared by the run config and the mixture loader: one loader, one error form.
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,3 +80,21 @@ def describe_value(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return f"{type(value).__name__} {value!r}"
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, fail) -> str:
+    """``${VAR}`` and ``${VAR:-default}`` from the environment; an unset ``${VAR}`` without a
+    default raises ``fail(message)``."""
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise fail(f"environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+
+    return _VAR.sub(replace, text)

@@ -36,12 +36,12 @@ stopped, instead of reshuffling it (see ``plan.py``).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from megatron_align.config.yaml_lines import ConfigError, LineMap, describe_value, load_yaml, location
+from megatron_align.config.yaml_lines import (ConfigError, LineMap, describe_value, expand_env, load_yaml,
+                                              location)
 
 RULE_KINDS = ("natural", "share", "window_share", "upsample", "tokens")
 WINDOW_KINDS = ("whole", "first", "last", "steps")
@@ -217,23 +217,6 @@ class _Reader:
         return value
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand_vars(text: str, fail) -> str:
-    """``${VAR}`` and ``${VAR:-default}`` from the environment; an unset ``${VAR}`` is an error."""
-
-    def replace(match: re.Match) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise fail(f"environment variable {name} is not set (write ${{{name}:-default}} for a default)")
-
-    return _VAR.sub(replace, text)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -263,7 +246,7 @@ def parse_mixture(document: Any, path: str) -> Mixture:
     base_dir = Path(path).resolve().parent
     data_root = base_dir
     if "data_root" in document:
-        raw = _expand_vars(r.string(document, "data_root", "data_root"),
+        raw = expand_env(r.string(document, "data_root", "data_root"),
                            lambda msg: r.fail(document, "data_root", "data_root", msg))
         data_root = (base_dir / os.path.expanduser(raw)).resolve()
 
@@ -312,7 +295,7 @@ def _parse_sources(r: _Reader, document: LineMap, data_root: Path) -> list[Sourc
         for required in _SOURCE_KEYS:
             if required not in entry:
                 raise r.fail(sources_map, name, keypath, f"missing key '{required}'")
-        raw_prefix = _expand_vars(r.string(entry, "prefix", f"{keypath}.prefix"),
+        raw_prefix = expand_env(r.string(entry, "prefix", f"{keypath}.prefix"),
                                   lambda msg: r.fail(entry, "prefix", f"{keypath}.prefix", msg))
         prefix = str((data_root / os.path.expanduser(raw_prefix)).resolve())
         for suffix in (".bin", ".idx"):
