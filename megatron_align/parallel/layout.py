@@ -37,7 +37,13 @@ def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
     def fail(key: str, message: str) -> ConfigError:
         return config_error(config, key, message)
 
-    arch = resolve_architecture(config.model)
+    try:
+        arch = resolve_architecture(config.model)
+    except ConfigError as err:
+        key, sep, message = str(err).partition(": ")
+        if sep and " " not in key:  # "model.size: unknown size ...": say where it was set
+            raise fail(key, message) from None
+        raise
     for key, value in (("parallel.tensor", par.tensor), ("parallel.pipeline", par.pipeline),
                        ("train.micro_batch_size", train.micro_batch_size),
                        ("train.global_batch_size", train.global_batch_size),

@@ -463,3 +463,17 @@ def report(plan: MemoryPlan, gpu_bytes: Optional[int] = None) -> str:
         line += f" of {format_bytes(gpu_bytes)} ({verdict} with 10% left for the CUDA context and fragmentation)"
     lines.append(line)
     return "\n".join(lines)
+
+
+def fit_warning(config: RunConfig, world_size: int, gpu_bytes: int) -> Optional[str]:
+    """A one-line warning when the planned peak rank exceeds ``gpu_bytes``, else None."""
+    plan = plan_memory(config, world_size)
+    peak = plan.peak
+    if peak.total <= gpu_bytes:
+        return None
+    return (f"planned memory per rank {format_bytes(peak.total)} (pipeline stage {peak.stage}: "
+            f"parameters {format_bytes(peak.parameters)}, gradients {format_bytes(peak.gradients)}, "
+            f"optimizer {format_bytes(peak.optimizer)}, activations {format_bytes(peak.activations)} + "
+            f"{format_bytes(peak.transient)} transient) exceeds this GPU's {format_bytes(gpu_bytes)}; "
+            f"see `megatron-align plan-memory CONFIG --gpu-memory {gpu_bytes / GiB:.0f}GiB "
+            f"--world {world_size}` for layouts that fit")

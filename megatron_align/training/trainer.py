@@ -41,6 +41,7 @@ from megatron_align.model.presets import resolve_architecture
 from .batches import microbatch_iterators, step_microbatches
 from megatron_align.parallel.distributed import init_distributed
 from megatron_align.parallel.layout import ParallelLayout
+from megatron_align.parallel.memory import fit_warning
 from .metrics import MetricsWriter, flops_per_token, peak_tflops
 
 log = logging.getLogger("megatron_align.train")
@@ -103,6 +104,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.layout = init_distributed(config)
         self.rank = torch.distributed.get_rank()
+        self._warn_if_memory_short()
         self.device = platform.device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.state = TrainState()
@@ -150,6 +152,17 @@ class Trainer:
                                      wandb_name=config.logging.wandb_name, config=to_dict(config))
         if self.rank == 0:
             self._write_resolved_config()
+
+    def _warn_if_memory_short(self) -> None:
+        """On GPU: the memory planner's peak rank against this GPU (a warning, not a stop: the
+        plan is an estimate). On CPU there is nothing to check against."""
+        if not torch.cuda.is_available():
+            return
+        capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        warning = fit_warning(self.config, self.layout.world_size, capacity)
+        if warning:
+            log.warning(warning)
+            self._announce(f"warning: {warning}")
 
     # ----------------------------------------------------------------------------- components
     def _optimizer_config(self) -> OptimizerConfig:
