@@ -5,8 +5,8 @@
 Both sides are `megatron-align train` on one process (1 thread), fp32, synthetic tokens, global
 batch 2 = micro batch 2, the tiny presets (2 layers, hidden 64, 4 heads; llama: 2 query groups),
 differing only in `model.attention_backend` (sdpa | megatron). Median step time after 3 warm-up
-steps; the best of --repeats launches, sides alternating. The load average at the start is
-printed: on a shared box, read the ratio, not the absolute times.
+steps; the best of --repeats launches, sides alternating. The load average at the start and
+the end is printed: on a shared box, read the ratio, not the absolute times.
 """
 import argparse
 import json
@@ -52,6 +52,7 @@ def main():
                         best[backend] = min(best[backend], step_time(backend, preset, seq, args.steps, tmp))
                 print(f"{preset:9} {seq:5d} {best['megatron'] * 1000:14.1f} ms {best['sdpa'] * 1000:7.1f} ms "
                       f"{best['sdpa'] / best['megatron']:13.3f}x", flush=True)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
