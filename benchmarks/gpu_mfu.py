@@ -26,8 +26,8 @@ GPUs; MFU against the bf16 dense datasheet peak of the GPU (H100/H200 SXM 989, A
 2250 TFLOP/s) and against a measured peak (the best of bf16 8192^3 matmuls on this GPU).
 
 Without CUDA it stops, unless --allow-cpu (a smoke test of the script itself, e.g.
-`--allow-cpu --models gpt-neox:tiny llama:tiny --seq 128 --steps 3 --warmup 1 --micro-batch 2
---global-batch 4`).
+`--allow-cpu --precision fp32 --vocab 512 --models gpt-neox:tiny llama:tiny --seq 128 --steps 3 --warmup 1
+--micro-batch 2 --global-batch 4`; bf16 matmuls are very slow on CPUs without bf16 units).
 """
 import argparse
 import json
@@ -101,7 +101,7 @@ def run_variant(preset, size, variant, vocab, args, tmp) -> dict:
     run_dir = Path(tmp) / f"{preset}-{size}-{variant}"
     command = [sys.executable, "-m", "megatron_align.cli", "train", f"run_dir={run_dir}",
                f"model.preset={preset}", f"model.size={size}", f"model.vocab_size={vocab}",
-               *VARIANTS[variant], "train.precision=bf16", f"train.seq_length={args.seq}",
+               *VARIANTS[variant], f"train.precision={args.precision}", f"train.seq_length={args.seq}",
                f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.global_batch}",
                f"train.iterations={args.warmup + args.steps}", "logging.progress_bar=false",
                "logging.tensorboard=false", "checkpoint.save_at_end=false", "optim.warmup_iters=1"]
@@ -129,6 +129,7 @@ def main():
                                                   "preset's, 50277 for gpt-neox, 128256 for llama)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--out", help="also write the results as JSON")
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (smoke test only)")
     args = parser.parse_args()
@@ -142,7 +143,7 @@ def main():
     header = {"device": gpu, "gpus": args.nproc, "torch": torch.__version__, "transformer_engine": te,
               "python": platform.python_version(), "datasheet_tflops": datasheet,
               "measured_matmul_tflops": measured, "seq": args.seq, "micro_batch": args.micro_batch,
-              "global_batch": args.global_batch, "flops_formula": "6 N + 12 L h s (N without input embedding)"}
+              "global_batch": args.global_batch, "precision": args.precision, "flops_formula": "6 N + 12 L h s (N without input embedding)"}
     print(json.dumps(header))
     print(f"{'model':16} {'variant':7} {'step':>9} {'tokens/s':>10} {'TFLOP/s/GPU':>12} "
           f"{'MFU(sheet)':>10} {'MFU(meas)':>10}")

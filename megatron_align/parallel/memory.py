@@ -182,7 +182,7 @@ class ActivationModel:
     loss: int  # last stage: final norm + output layer + cross-entropy
     stage_output: int  # the tensor a stage hands on (held until its backward)
     transient: int  # the largest short-lived allocation on the last stage (not per micro-batch)
-    recompute_transient: int  # the same on the other stages
+    layer_transient: int  # the same on the other stages
     attention_workspace: int  # megatron's persistent score buffer (once per rank)
 
 
@@ -219,11 +219,10 @@ def activation_model(arch: Architecture, tensor: int, micro_batch: int, seq: int
         core = b * heads * s * s * (d + (FP32 if d < FP32 else 0))  # fp32 softmax out + cast copy
         # with GQA, key and value are repeated to every head and the QKV output is dropped
         held_inputs = 3 * q if gqa else attn_inputs
-        context = q  # the probabilities x value, saved by the output projection
     else:  # sdpa / te / flash: the log-sum-exp; the output is the projection's input (a view)
         core = b * heads * s * FP32
         held_inputs = attn_inputs
-        context = q
+    context = q  # the core attention's output, saved by the output projection
     # gelu: its input (after the bias) and output; swiglu: FC1's output, silu's output, the
     # linear half (copied by the GLU's offset add) and the product
     mlp = f * sb * d * (5 if arch.activation == "swiglu" else 2)
@@ -238,19 +237,18 @@ def activation_model(arch: Architecture, tensor: int, micro_batch: int, seq: int
     embedding = sb * 8 + (sb * 9 if t > 1 else 0)  # token ids (and the masked ids and mask)
     logits_fp32 = sb * (padded_vocab // t) * FP32
     loss = final_norm + sbh + logits_fp32 + sb * 9  # final norm; CE softmax, target ids and mask
-    # recomputation moves the peak into the backward pass: one layer's recomputed activations;
-    # with selective, the attention's recomputed output plus the gradients of q, k, v
-    recompute_transient = 0
+    # inside a layer's backward: megatron's score gradient; with recomputation the layer's
+    # recomputed activations (full), or the recomputed attention output plus the gradients of
+    # q, k and v (selective)
+    layer_transient = b * heads * s * s * d if attention == "megatron" else 0
     if recompute == "full":
-        recompute_transient = per_layer
+        layer_transient = max(layer_transient, per_layer)
     elif recompute == "selective":
-        recompute_transient = core + q + qkv + context
-    # the logits at the loss (their fp32 copy becomes the cross-entropy's saved softmax), or
-    # megatron's score gradient in a layer's backward, or a recomputed layer
-    transient = max(sb * (padded_vocab // t) * d, recompute_transient,
-                    b * heads * s * s * d if attention == "megatron" else 0)
+        layer_transient = max(layer_transient, core + q + qkv + context)
+    # on the last stage also the logits (their fp32 copy becomes the cross-entropy's softmax)
+    transient = max(sb * (padded_vocab // t) * d, layer_transient)
     workspace = b * heads * s * s * d if attention == "megatron" else 0  # persistent score buffer
-    return ActivationModel(per_layer, kept, embedding, loss, sbh, transient, recompute_transient, workspace)
+    return ActivationModel(per_layer, kept, embedding, loss, sbh, transient, layer_transient, workspace)
 
 
 def in_flight_microbatches(pipeline: int, virtual_pipeline: Optional[int], stage: int,
@@ -385,7 +383,7 @@ def rank_memory(config: RunConfig, layout: ParallelLayout, stage: int, dp_rank: 
                                        layout.num_microbatches)
     activations = per_micro * in_flight // chunks
     transient = model.attention_workspace + (model.transient if stage == layout.pipeline - 1
-                                             else model.recompute_transient)
+                                             else model.layer_transient)
     return RankMemory(stage, dp_rank, parameters, gradients, optimizer, per_micro, in_flight,
                       activations, transient)
 

@@ -104,7 +104,6 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.layout = init_distributed(config)
         self.rank = torch.distributed.get_rank()
-        self._warn_if_memory_short()
         self.device = platform.device()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.state = TrainState()
@@ -116,6 +115,7 @@ class Trainer:
         # resolved for config.yaml and checkpoints; an imported model's may exceed its tokenizer's
         config.model.vocab_size = max(config.model.vocab_size or 0, self.data.vocab_size)
         self.state.tokens_by_category = {c: 0 for c in self.data.categories}
+        self._warn_if_memory_short()
 
         self.tf_config = transformer_config(config)
         chunks = build_model_chunks(config, self.tf_config, config.model.vocab_size)
@@ -155,14 +155,14 @@ class Trainer:
 
     def _warn_if_memory_short(self) -> None:
         """On GPU: the memory planner's peak rank against this GPU (a warning, not a stop: the
-        plan is an estimate). On CPU there is nothing to check against."""
+        plan is an estimate; once the vocabulary is known). On CPU there is nothing to check
+        against."""
         if not torch.cuda.is_available():
             return
         capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         warning = fit_warning(self.config, self.layout.world_size, capacity)
-        if warning:
-            log.warning(warning)
-            self._announce(f"warning: {warning}")
+        if warning and self.rank == 0:
+            print(f"[megatron-align] warning: {warning}", file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------------------- components
     def _optimizer_config(self) -> OptimizerConfig:
