@@ -2,7 +2,8 @@
 
 Long ones (the 410m export, the 160m eval, the kill/resume stress) take tens of minutes on a
 2-core CPU box. The Megatron-LM preprocessing comparison needs `--megatron-lm DIR` (see
-BENCHMARKS.md) and is run here for our side only. Pass names to run a subset:
+BENCHMARKS.md) and is run here for our side only. `gpu_mfu.py` needs a GPU and is not in this list.
+Pass names to run a subset:
     python benchmarks/run_all.py train_step mixture
 """
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "train_step": ["bench_train_step.py"],
+    "attention": ["bench_attention.py"],
     "preprocess": ["bench_preprocess.py"],
     "filter": ["bench_filter.py"],
     "mixture": ["bench_mixture.py"],

@@ -13,6 +13,7 @@ import sys
 
 # Areas that register their own subcommands: module path -> add_subcommands(subparsers).
 SUBCOMMAND_MODULES = (
+    "megatron_align.parallel.commands",
     "megatron_align.mixture.commands",
     "megatron_align.convert.commands",
     "megatron_align.evals.commands",

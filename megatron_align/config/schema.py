@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 # Enumerations: the loader accepts exactly these values and names them in its error.
 TransformerImpl = Literal["auto", "local", "transformer_engine"]
+AttentionBackend = Literal["auto", "sdpa", "megatron", "te"]
 Precision = Literal["auto", "fp32", "bf16"]
 Recompute = Literal["none", "full", "selective"]
 DecayStyle = Literal["cosine", "linear", "constant", "WSD", "inverse-square-root"]
@@ -32,6 +33,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     dropout: float = 0.0
     transformer_impl: TransformerImpl = "auto"  # auto: TransformerEngine when importable
+    # core attention: te with TransformerEngine layers, else torch SDPA (auto); megatron: the
+    # local spec's DotProductAttention (materialises the s x s scores)
+    attention_backend: AttentionBackend = "auto"
 
 
 @dataclass

@@ -10,11 +10,13 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_align.config import ConfigError, ParallelConfig, RunConfig
 from megatron_align.platform import transformer_engine_available
 
+from .attention import SDPAttention
 from .parallel_residual import ParallelResidualTransformerLayer
 from .presets import Architecture, padded_vocab_size, resolve_architecture
 
@@ -35,16 +37,40 @@ def params_dtype(config: RunConfig) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def layer_spec(arch: Architecture, use_te: bool) -> ModuleSpec:
+def attention_backend(config: RunConfig) -> str:
+    """The core attention a run uses: ``te``, ``sdpa`` or ``megatron``. ``auto``: TE's attention
+    with TransformerEngine layers, else SDPA. (``te`` without TE layers is rejected by the layout
+    check before any process starts.)"""
+    backend = config.model.attention_backend
+    if backend == "auto":
+        return "te" if use_transformer_engine(config) else "sdpa"
+    return backend
+
+
+def layer_spec(arch: Architecture, use_te: bool, attention: str = "sdpa") -> ModuleSpec:
+    """megatron-core's local or TE layer spec, with the parallel-residual layer for gpt-neox and
+    the core attention swapped for ``attention`` (``te`` keeps the TE spec's own)."""
+    if attention == "te" and not use_te:
+        raise ConfigError("model.attention_backend: te needs TransformerEngine layers "
+                          "(model.transformer_impl auto or transformer_engine, with TE on a GPU)")
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization=arch.normalization)
+    if attention in ("sdpa", "megatron"):
+        spec = _with_core_attention(spec, SDPAttention if attention == "sdpa" else DotProductAttention)
     if arch.parallel_residual:
         spec = dataclasses.replace(spec, module=ParallelResidualTransformerLayer)
     return spec
+
+
+def _with_core_attention(spec: ModuleSpec, core_attention: type) -> ModuleSpec:
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=core_attention))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
 def transformer_config(config: RunConfig, arch: Architecture | None = None) -> TransformerConfig:
@@ -99,7 +125,7 @@ def transformer_config(config: RunConfig, arch: Architecture | None = None) -> T
 def build_model_chunks(config: RunConfig, tf_config: TransformerConfig, vocab_size: int) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (just one without VPP)."""
     arch = resolve_architecture(config.model)
-    spec = layer_spec(arch, use_transformer_engine(config))
+    spec = layer_spec(arch, use_transformer_engine(config), attention_backend(config))
     padded = padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
                                config.parallel.tensor)
     vpp = config.parallel.virtual_pipeline
@@ -133,6 +159,8 @@ def single_process_config(config: RunConfig, vocab_size: int, padded_rows: int) 
     config.model.vocab_size = vocab_size
     config.model.make_vocab_size_divisible_by = padded_rows
     config.model.transformer_impl = "local"
+    if config.model.attention_backend == "te":
+        config.model.attention_backend = "auto"
     config.model.dropout = 0.0
     config.train.precision = "fp32"
     config.train.recompute = "none"

@@ -1,8 +1,17 @@
-"""The parallel layout of a run (checked before any process starts) and its process groups.
+"""The parallel layout of a run (checked before any process starts), its process groups and the
+memory planner.
 
-Kept import-light: ``layout`` needs only the config and model presets; ``distributed`` (torch,
-megatron-core parallel state) loads when imported by name.
+Import-light: importing the package (the CLI does, to register ``plan-memory``) loads nothing;
+``layout`` and ``memory`` need only the config and model presets (and torch); ``distributed``
+(megatron-core parallel state) loads when imported by name.
 """
-from .layout import ParallelLayout, check_run_config
 
 __all__ = ["ParallelLayout", "check_run_config"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from . import layout
+
+        return getattr(layout, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

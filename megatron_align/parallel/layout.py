@@ -37,7 +37,13 @@ def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
     def fail(key: str, message: str) -> ConfigError:
         return config_error(config, key, message)
 
-    arch = resolve_architecture(config.model)
+    try:
+        arch = resolve_architecture(config.model)
+    except ConfigError as err:
+        key, sep, message = str(err).partition(": ")
+        if sep and " " not in key:  # "model.size: unknown size ...": say where it was set
+            raise fail(key, message) from None
+        raise
     for key, value in (("parallel.tensor", par.tensor), ("parallel.pipeline", par.pipeline),
                        ("train.micro_batch_size", train.micro_batch_size),
                        ("train.global_batch_size", train.global_batch_size),
@@ -87,6 +93,11 @@ def check_run_config(config: RunConfig, world_size: int) -> ParallelLayout:
     if config.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
         raise fail("model.transformer_impl", "transformer_engine, but TransformerEngine (with CUDA) "
                                              "is not available here; use auto or local")
+    if config.model.attention_backend == "te" and (config.model.transformer_impl == "local"
+                                                   or not transformer_engine_available()):
+        raise fail("model.attention_backend", "te needs TransformerEngine layers (model.transformer_impl "
+                                              "auto or transformer_engine, with TE on a GPU); use "
+                                              "auto, sdpa or megatron")
     if config.optim.min_lr > config.optim.lr:
         raise fail("optim.min_lr", f"optim.min_lr={config.optim.min_lr} exceeds optim.lr={config.optim.lr}")
     if not 0 <= config.optim.warmup_fraction <= 1:

@@ -41,6 +41,7 @@ from megatron_align.model.presets import resolve_architecture
 from .batches import microbatch_iterators, step_microbatches
 from megatron_align.parallel.distributed import init_distributed
 from megatron_align.parallel.layout import ParallelLayout
+from megatron_align.parallel.memory import fit_warning
 from .metrics import MetricsWriter, flops_per_token, peak_tflops
 
 log = logging.getLogger("megatron_align.train")
@@ -114,6 +115,7 @@ class Trainer:
         # resolved for config.yaml and checkpoints; an imported model's may exceed its tokenizer's
         config.model.vocab_size = max(config.model.vocab_size or 0, self.data.vocab_size)
         self.state.tokens_by_category = {c: 0 for c in self.data.categories}
+        self._warn_if_memory_short()
 
         self.tf_config = transformer_config(config)
         chunks = build_model_chunks(config, self.tf_config, config.model.vocab_size)
@@ -150,6 +152,17 @@ class Trainer:
                                      wandb_name=config.logging.wandb_name, config=to_dict(config))
         if self.rank == 0:
             self._write_resolved_config()
+
+    def _warn_if_memory_short(self) -> None:
+        """On GPU: the memory planner's peak rank against this GPU (a warning, not a stop: the
+        plan is an estimate; once the vocabulary is known). On CPU there is nothing to check
+        against."""
+        if not torch.cuda.is_available():
+            return
+        capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        warning = fit_warning(self.config, self.layout.world_size, capacity)
+        if warning and self.rank == 0:
+            print(f"[megatron-align] warning: {warning}", file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------------------- components
     def _optimizer_config(self) -> OptimizerConfig:
