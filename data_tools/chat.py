@@ -21,6 +21,7 @@ dataset and is written into the exported model's tokenizer_config.json.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -312,10 +313,8 @@ def preprocess_chat(
     """Render, tokenise and mask chat rows into PREFIX (+ PREFIX.loss_mask); returns the sidecar."""
     if on_error not in ("fail", "skip"):
         raise DataToolsError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
-    try:
-        import transformers  # noqa: F401  (the Jinja renderer)
-    except ImportError:
-        raise DataToolsError("--chat renders with transformers' chat templates: pip install transformers") from None
+    if importlib.util.find_spec("transformers") is None:
+        raise DataToolsError("--chat renders with transformers' chat templates: pip install transformers")
     files = resolve_inputs(inputs)
     tok = load_tokenizer(tokenizer_path, eod_token)
     template, template_source = resolve_chat_template(chat_template, tokenizer_path)
