@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from megatron_align.io import SidecarError, read_stats, stats_path
-from megatron_align.config import ConfigError, RunConfig, config_error, where
+from megatron_align.config import ConfigError, RunConfig, config_error
 from megatron_align.mixture import load_mixture
 from megatron_align.mixture.datasets import DatasetTokenizer, build_mixture_datasets
 
@@ -71,7 +71,8 @@ def build_training_data(config: RunConfig, num_train_samples: int, vocab_size: O
 
 def train_iterations(config: RunConfig) -> int:
     """``train.iterations``, or with ``data.epochs`` (SFT) the steps that read every conversation
-    that many times."""
+    that many times: data.epochs, when set, replaces train.iterations (a base run's config.yaml
+    reused for SFT carries one)."""
     if config.data.epochs is None:
         return config.train.iterations
     from .sft import conversations_in, epoch_iterations
@@ -106,11 +107,6 @@ def check_data_inputs(config: RunConfig) -> None:
             raise config_error(config, "data.epochs", f"must be > 0, got {data.epochs}")
     if data.source == "sft":
         _check_sft_inputs(config)
-    if data.epochs is not None and where(config, "train.iterations") is not None:
-        steps = train_iterations(config)
-        if steps != config.train.iterations:  # a resolved config.yaml names both, in agreement
-            raise config_error(config, "train.iterations", f"{config.train.iterations} disagrees with "
-                               f"data.epochs={data.epochs} ({steps} steps); set one of them")
 
 
 def _check_sft_inputs(config: RunConfig) -> dict:
@@ -219,7 +215,7 @@ def _sft(config: RunConfig, num_train_samples: int, vocab_size: Optional[int]) -
                          config.train.seed, pad_id=tokenizer["eod_id"])
     epochs = num_train_samples / dataset.conversations
     summary = (f"sft: {dataset.conversations:,} conversations from {config.data.prefix}, {epochs:.2f} epochs "
-               f"in {config.train.iterations} steps, padded to {config.train.seq_length} tokens "
+               f"in {config.train.iterations} steps (set by {'data.epochs' if config.data.epochs else 'train.iterations'}), padded to {config.train.seq_length} tokens "
                f"({dataset.truncated:,} longer ones cut); loss on assistant tokens only")
     return TrainingData(dataset, vocab, ["sft"], _single_category, chat_template=stats["chat"]["template"],
                         summary=summary)
