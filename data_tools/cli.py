@@ -43,7 +43,35 @@ def _rate_line(stats: dict, elapsed: float) -> str:
             f"{_human(stats['documents'] / max(elapsed, 1e-9))} docs/s")
 
 
+def cmd_preprocess_chat(args) -> int:
+    from data_tools.chat import preprocess_chat
+
+    if args.mpi:
+        raise DataToolsError("--chat does not run under --mpi; use --workers N")
+    started = time.perf_counter()
+    stats = preprocess_chat(args.inputs, args.output_prefix, args.tokenizer, chat_template=args.chat_template,
+                            messages_field=args.messages_field, eod_token=args.eod_token, workers=args.workers,
+                            on_error=args.on_error, progress=not args.quiet)
+    chat, skipped = stats["chat"], sum(stats["skipped"].values())
+    lines = [
+        f"output      {args.output_prefix}.bin/.idx + {chat['loss_mask_prefix']}.bin/.idx (+ .stats.json)",
+        f"inputs      {len(stats['inputs'])} file(s)",
+        f"conversations {stats['documents']:,}   tokens {stats['tokens']:,}   assistant (in the loss) "
+        f"{chat['assistant_tokens']:,} ({_pct(chat['assistant_tokens'] / max(stats['tokens'], 1))})",
+        f"template    {chat['template_source']} (sha256 {chat['template_sha256'][:12]})",
+        *_dataset_lines(stats)[1:],
+        f"skipped     {skipped:,}" + (f"  {json.dumps({k: v for k, v in stats['skipped'].items() if v})}" if skipped else ""),
+        _rate_line(stats, time.perf_counter() - started),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_preprocess(args) -> int:
+    if args.chat:
+        return cmd_preprocess_chat(args)
+    if args.chat_template is not None:
+        raise DataToolsError("--chat-template needs --chat")
     started = time.perf_counter()
     common = dict(
         text_field=args.text_field, eod_token=args.eod_token, workers=args.workers,
@@ -242,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="bad records: stop (default) or skip and count")
     p.add_argument("--mpi", action="store_true", help="run under mpiexec/srun: each rank tokenises a contiguous shard")
     p.add_argument("--mpi-output", choices=["merge", "list"], default="merge", help="merge rank outputs into PREFIX (default) or keep PREFIX-RRRRR-of-WWWWW")
+    p.add_argument("--chat", action="store_true",
+                   help="rows are conversations (--messages-field): write tokens + a loss mask over the assistant turns")
+    p.add_argument("--chat-template", default=None, metavar="FILE|default",
+                   help="with --chat: the Jinja chat template (default: the tokenizer's own; 'default': the shipped one)")
+    p.add_argument("--messages-field", default="messages", help="with --chat: the field holding the messages")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_preprocess)
 

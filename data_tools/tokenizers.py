@@ -90,6 +90,9 @@ class HFTokenizer:
     def decode(self, ids: List[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))
+
 
 class SentencePieceTokenizer:
     """A SentencePiece `.model` file."""
@@ -123,6 +126,9 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: List[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
 
 
 def load_tokenizer(path: str, eod_token: Optional[str] = None):

@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "megatron_align.mixture.commands",
     "megatron_align.convert.commands",
     "megatron_align.evals.commands",
+    "megatron_align.posttrain.commands",
     "megatron_align.study.commands",
 )
 

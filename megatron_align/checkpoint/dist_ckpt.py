@@ -51,6 +51,7 @@ class CheckpointMeta:
     mixture_hash: Optional[str] = None
     has_optimizer: bool = True
     optimizer_format: str = "dp_reshardable"  # distributed optimizer's layout (config.schema)
+    chat_template: Optional[str] = None  # SFT: the template its data was rendered with (export writes it)
     format: str = FORMAT
     saved_at: float = 0.0
 

@@ -10,7 +10,7 @@ AttentionBackend = Literal["auto", "sdpa", "megatron", "te"]
 Precision = Literal["auto", "fp32", "bf16"]
 Recompute = Literal["none", "full", "selective"]
 DecayStyle = Literal["cosine", "linear", "constant", "WSD", "inverse-square-root"]
-DataSource = Literal["synthetic", "indexed", "mixture"]
+DataSource = Literal["synthetic", "indexed", "mixture", "sft"]
 OptimizerFormat = Literal["dp_reshardable", "fully_reshardable"]  # megatron-core's sharding types
 
 
@@ -81,12 +81,14 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     source: DataSource = "synthetic"
-    prefix: Optional[str] = None  # indexed: one megatron .bin/.idx prefix
+    prefix: Optional[str] = None  # indexed: one megatron .bin/.idx prefix; sft: a `preprocess --chat` prefix
     mixture: Optional[str] = None  # mixture: a mixture YAML
     stage: str = "pretrain"  # mixture stage
     tokenizer: Optional[str] = None  # tokenizer.json or sentencepiece .model (recorded for export)
     cache_dir: Optional[str] = None  # dataset index cache; default RUN_DIR/data_cache
     valid_samples_per_category: int = 0
+    # sft: passes over the conversations; sets train.iterations (one padded conversation per sample)
+    epochs: Optional[float] = None
 
 
 @dataclass

@@ -5,6 +5,9 @@ import argparse
 import sys
 
 
+from .errors import ConvertError
+
+
 def _errors():
     from data_tools.tokenizers import TokenizerError
     from megatron_align.checkpoint.dist_ckpt import CheckpointError
@@ -29,10 +32,23 @@ def _report(convert) -> int:
 def _export(args) -> int:
     from .export import export_checkpoint
 
-    return _report(lambda: export_checkpoint(
-        args.checkpoint, args.out_dir, tokenizer=args.tokenizer, dtype=args.dtype,
-        verify=args.verify, max_shard_size=args.max_shard_size, threshold=args.threshold,
-        overwrite=args.overwrite, progress=not args.no_progress, vocab_size=args.vocab_size))
+    def export():
+        chat_template = None
+        if args.chat_template:
+            from data_tools.chat import resolve_chat_template
+            from data_tools.errors import DataToolsError
+
+            try:
+                chat_template, _ = resolve_chat_template(args.chat_template, args.tokenizer or "")
+            except DataToolsError as err:
+                raise ConvertError(str(err)) from None
+        return export_checkpoint(
+            args.checkpoint, args.out_dir, tokenizer=args.tokenizer, dtype=args.dtype,
+            verify=args.verify, max_shard_size=args.max_shard_size, threshold=args.threshold,
+            overwrite=args.overwrite, progress=not args.no_progress, vocab_size=args.vocab_size,
+            chat_template=chat_template)
+
+    return _report(export)
 
 
 def _import(args) -> int:
@@ -61,6 +77,9 @@ def add_subcommands(subparsers) -> None:
                         help="HF vocab_size, between the tokenizer's length and the checkpoint's "
                              "embedding rows (default: the run's model.vocab_size; e.g. 50304 "
                              "for Pythia's shape)")
+    export.add_argument("--chat-template", metavar="FILE|default",
+                        help="chat template for tokenizer_config.json (default: the one an SFT run's "
+                             "data was rendered with, none for other runs; 'default': the shipped one)")
     export.add_argument("--max-shard-size", default="2GB")
     export.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     export.add_argument("--no-progress", action="store_true")

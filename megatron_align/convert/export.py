@@ -7,6 +7,7 @@ assembled in a hidden temp directory and renamed into place only when complete (
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -131,8 +132,9 @@ def resolve_vocab(config: RunConfig, tokenizer, rows: int, vocab_size: Optional[
     return trained
 
 
-def write_tokenizer(tokenizer, out_dir: Path) -> str:
-    """Tokenizer files for transformers, with bos/eos = the end-of-document token."""
+def write_tokenizer(tokenizer, out_dir: Path, chat_template: Optional[str] = None) -> str:
+    """Tokenizer files for transformers, with bos/eos = the end-of-document token and the chat
+    template (if any) in tokenizer_config.json, where every transformers version looks."""
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     if tokenizer.kind == "hf":
@@ -149,7 +151,9 @@ def write_tokenizer(tokenizer, out_dir: Path) -> str:
     if len(hf_tok) != tokenizer.vocab_size:
         raise ConvertError(f"tokenizer {tokenizer.path}: transformers sees {len(hf_tok)} tokens, "
                            f"the file has {tokenizer.vocab_size}")
-    hf_tok.save_pretrained(str(out_dir))
+    if chat_template:
+        hf_tok.chat_template = chat_template
+    hf_tok.save_pretrained(str(out_dir), save_jinja_files=False)
     return eod
 
 
@@ -214,10 +218,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: Op
                       dtype: str = "fp32", verify: Optional[bool] = None,
                       max_shard_size: str | int = "2GB", threshold: float = 1e-3,
                       overwrite: bool = False, progress: bool = True,
-                      vocab_size: Optional[int] = None) -> ExportResult:
+                      vocab_size: Optional[int] = None, chat_template: Optional[str] = None) -> ExportResult:
     """Write an HF model directory from a megatron-align checkpoint (a checkpoint dir, a run dir or
     its checkpoints/ dir). ``verify=None``: verify when megatron + HF fit in memory.
     ``vocab_size``: HF's vocab_size instead of the run's model.vocab_size (see resolve_vocab).
+    ``chat_template``: template text for tokenizer_config.json instead of the one an SFT run
+    recorded in the checkpoint (its data's).
 
     Safe to call from rank 0 of a running job: reading needs no process group, and verification
     then runs in a subprocess.
@@ -258,7 +264,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: Op
         files = writer.close()
         weights_seconds = time.time() - weights_start
 
-        eod = write_tokenizer(tok, staging)
+        chat_template = chat_template or meta.chat_template
+        eod = write_tokenizer(tok, staging, chat_template)
         max_positions = max(arch.max_position_embeddings, config.train.seq_length)
         hf_config(arch, vocab, tok.eod_id, tok.eod_id, max_positions, torch_dtype).save_pretrained(staging)
         from transformers import GenerationConfig
@@ -272,6 +279,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: Op
                           "vocab_size": int(tok.vocab_size), "eod_id": int(tok.eod_id),
                           "eod_token": eod},
             "consumed_tokens": meta.consumed_tokens,
+            "chat_template_sha256": (hashlib.sha256(chat_template.encode("utf-8")).hexdigest()
+                                     if chat_template else None),
         }
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 

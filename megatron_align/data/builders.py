@@ -1,4 +1,4 @@
-"""The training data a run reads: a synthetic stream, one indexed dataset, or a mixture.
+"""The training data a run reads: a synthetic stream, one indexed dataset, a mixture, or SFT chats.
 
 Every source is exposed the same way (:class:`TrainingData`): a map-style dataset whose sample
 ``i`` is a pure function of (config, seed, i) — so resuming at ``consumed_samples`` reads exactly
@@ -29,6 +29,8 @@ class TrainingData:
     category_of_samples: Callable[[int, int], np.ndarray]  # [start, stop) -> category ids
     valid: dict[str, torch.utils.data.Dataset] = field(default_factory=dict)
     mixture_hash: Optional[str] = None
+    chat_template: Optional[str] = None  # sft: the template the data was rendered with (for export)
+    summary: Optional[str] = None  # one line for the run's start-up messages
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -62,7 +64,23 @@ def build_training_data(config: RunConfig, num_train_samples: int, vocab_size: O
         return _indexed(config, num_train_samples, vocab_size)
     if source == "mixture":
         return _mixture(config)
-    raise ConfigError(f"data.source: {source!r} is not one of synthetic|indexed|mixture")
+    if source == "sft":
+        return _sft(config, num_train_samples, vocab_size)
+    raise ConfigError(f"data.source: {source!r} is not one of synthetic|indexed|mixture|sft")
+
+
+def train_iterations(config: RunConfig) -> int:
+    """``train.iterations``, or with ``data.epochs`` (SFT) the steps that read every conversation
+    that many times: data.epochs, when set, replaces train.iterations (a base run's config.yaml
+    reused for SFT carries one)."""
+    if config.data.epochs is None:
+        return config.train.iterations
+    from .sft import conversations_in, epoch_iterations
+
+    conversations = conversations_in(config.data.prefix)
+    if conversations is None:
+        raise config_error(config, "data.prefix", f"{config.data.prefix}.idx does not exist")
+    return epoch_iterations(conversations, config.data.epochs, config.train.global_batch_size)
 
 
 def check_data_inputs(config: RunConfig) -> None:
@@ -81,6 +99,34 @@ def check_data_inputs(config: RunConfig) -> None:
         if not data.mixture:
             raise config_error(config, "data.mixture", "data.source=mixture needs data.mixture (a mixture YAML)")
         load_mixture(data.mixture).stage(data.stage)
+    if data.epochs is not None:
+        if data.source != "sft":
+            raise config_error(config, "data.epochs", f"only data.source=sft counts epochs (this run reads "
+                               f"data.source={data.source}); set train.iterations")
+        if data.epochs <= 0:
+            raise config_error(config, "data.epochs", f"must be > 0, got {data.epochs}")
+    if data.source == "sft":
+        _check_sft_inputs(config)
+
+
+def _check_sft_inputs(config: RunConfig) -> dict:
+    """The chat dataset's sidecar; its files must exist and it must have been made with --chat."""
+    from data_tools.chat import loss_mask_prefix, read_chat_stats
+    from data_tools.errors import DataToolsError
+
+    prefix = config.data.prefix
+    if not prefix:
+        raise config_error(config, "data.prefix", "data.source=sft needs data.prefix (a dataset made by "
+                           "`data-tools preprocess --chat`)")
+    for path in (prefix + ".bin", prefix + ".idx", loss_mask_prefix(prefix) + ".bin",
+                 loss_mask_prefix(prefix) + ".idx"):
+        if not Path(path).is_file():
+            raise config_error(config, "data.prefix", f"{path} does not exist (make the dataset with "
+                               "`data-tools preprocess --chat`)")
+    try:
+        return read_chat_stats(prefix)
+    except DataToolsError as err:
+        raise config_error(config, "data.prefix", str(err)) from None
 
 
 def _single_category(start: int, stop: int) -> np.ndarray:
@@ -154,3 +200,22 @@ def _mixture(config: RunConfig) -> TrainingData:
         valid=dict(datasets.valid),
         mixture_hash=datasets.plan.hash,
     )
+
+
+def _sft(config: RunConfig, num_train_samples: int, vocab_size: Optional[int]) -> TrainingData:
+    from .sft import SFTDataset
+
+    stats = _check_sft_inputs(config)
+    tokenizer = stats["tokenizer"]
+    vocab = vocab_size or tokenizer["vocab_size"]
+    if vocab < tokenizer["vocab_size"]:
+        raise config_error(config, "model.vocab_size", f"{vocab} is smaller than the {tokenizer['vocab_size']} "
+                           f"tokens of the tokenizer recorded in {stats_path(config.data.prefix)}")
+    dataset = SFTDataset(config.data.prefix, config.train.seq_length, num_train_samples,
+                         config.train.seed, pad_id=tokenizer["eod_id"])
+    epochs = num_train_samples / dataset.conversations
+    summary = (f"sft: {dataset.conversations:,} conversations from {config.data.prefix}, {epochs:.2f} epochs "
+               f"in {config.train.iterations} steps (set by {'data.epochs' if config.data.epochs else 'train.iterations'}), padded to {config.train.seq_length} tokens "
+               f"({dataset.truncated:,} longer ones cut); loss on assistant tokens only")
+    return TrainingData(dataset, vocab, ["sft"], _single_category, chat_template=stats["chat"]["template"],
+                        summary=summary)

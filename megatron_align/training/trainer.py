@@ -33,7 +33,7 @@ from megatron_align import platform
 from megatron_align.checkpoint.dist_ckpt import CheckpointMeta
 from megatron_align.checkpoint.manager import Checkpointer
 from megatron_align.config import RunConfig, dump_yaml, to_dict
-from megatron_align.data.builders import TrainingData, build_training_data
+from megatron_align.data.builders import TrainingData, build_training_data, train_iterations
 from megatron_align.model.build import build_model_chunks, params_dtype, transformer_config
 from megatron_align.io import write_text_atomic
 from megatron_align.model.presets import resolve_architecture
@@ -110,8 +110,11 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._start_time = time.time()
 
+        config.train.iterations = train_iterations(config)  # data.epochs (SFT) sets it
         num_train_samples = config.train.iterations * config.train.global_batch_size
         self.data = build_training_data(config, num_train_samples, config.model.vocab_size)
+        if self.data.summary:
+            self._announce(self.data.summary)
         # resolved for config.yaml and checkpoints; an imported model's may exceed its tokenizer's
         config.model.vocab_size = max(config.model.vocab_size or 0, self.data.vocab_size)
         self.state.tokens_by_category = {c: 0 for c in self.data.categories}
@@ -259,6 +262,7 @@ class Trainer:
             config=to_dict(self.config),
             mixture_hash=self.data.mixture_hash,
             optimizer_format=self.config.checkpoint.optimizer_format,
+            chat_template=self.data.chat_template,
         )
         path = self.checkpointer.save(meta)
         if self.checkpointer.asynchronous:
