@@ -151,6 +151,9 @@ def jobs(slurm_cluster, tmp_path_factory):
     config = root / "run.yaml"
     config.write_text(RUN_CONFIG + f"data: {{tokenizer: {tokenizer}}}\n")
     corpus = [write_jsonl(root / f"corpus-{i}.jsonl", make_docs(150, seed=i)) for i in range(2)]
+    items = root / "items.jsonl"  # 6 of the shipped starter items: the chain's eval stays short
+    starter = REPO / "megatron_align" / "resources" / "evals" / "starter_items.jsonl"
+    items.write_text("".join(starter.read_text().splitlines(keepends=True)[:6]))
 
     def train(name, *overrides, nodes=1, after=None):
         return cluster.sbatch(name, "train.sbatch", str(config), f"run_dir={root / name}",
@@ -162,9 +165,10 @@ def jobs(slurm_cluster, tmp_path_factory):
            "train": train("train"),
            "bad_train": train("bad_train", "train.iterations=many")}
     ids["export"] = cluster.sbatch("export", "export.sbatch", str(root / "train"), str(root / "hf"),
-                                   "--no-progress", after=ids["train"])
+                                   "--no-verify", "--no-progress", after=ids["train"])
     ids["eval"] = cluster.sbatch("eval", "eval.sbatch", "misalignment", "--model", str(root / "hf"),
-                                 "--out", str(root / "eval"), "--device", "cpu", after=ids["export"])
+                                 "--items", str(items), "--out", str(root / "eval"), "--device", "cpu",
+                                 after=ids["export"])
     ids["bad_export"] = cluster.sbatch("bad_export", "export.sbatch", str(root / "bad_train"),
                                        str(root / "bad_hf"), after=ids["bad_train"])
     ids["bad_eval"] = cluster.sbatch("bad_eval", "eval.sbatch", "misalignment", "--model",
@@ -244,7 +248,7 @@ def test_dependency_chain_runs_in_order_and_a_failed_train_stops_it(jobs):
     assert train["EndTime"] <= export["StartTime"]
     assert (root / "hf" / "config.json").is_file() and list((root / "hf").glob("*.safetensors"))
     results = json.loads((root / "eval" / "results.json").read_text())
-    assert results["model"] == str((root / "hf").resolve())
+    assert results["model"] == str((root / "hf").resolve()) and results["items"]["n"] == 6
 
     failed = cluster.wait(ids["bad_train"])
     assert (failed["JobState"], failed["ExitCode"]) == ("FAILED", "2:0")
