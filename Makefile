@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean slurm-local slurm-local-stop
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# A real two-node SLURM on this machine for the `slurm` tests (root, Debian: installs slurm-wlm
+# and munge when absent). Writes .slurm-local/env; `slurm-local-stop` removes all of it.
+slurm-local:
+	bash launch/local_cluster/slurm_local.sh start
+
+slurm-local-stop:
+	bash launch/local_cluster/slurm_local.sh stop
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output

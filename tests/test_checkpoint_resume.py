@@ -306,12 +306,15 @@ def test_wall_time_interval_retention_and_time_budget(tmp_path):
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
     assert kept == ["iter_0000003", "iter_0000006", "iter_0000007"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000007"
+    finished = json.loads((run_dir / "finished.json").read_text())  # the completion marker
+    assert (finished["iteration"], finished["tokens"]) == (7, 7 * 8 * 128)
 
     budget = tmp_path / "budget"
     result = run_cli("train", f"run_dir={budget}", "train.iterations=7",
                      "train.exit_duration_minutes=0", "logging.progress_bar=false")
     assert "stopping at step 1 (exit_duration_minutes)" in result.stdout
     assert (budget / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+    assert not (budget / "finished.json").exists()  # stopped early: to be requeued
 
 
 def test_fully_reshardable_optimizer_state_follows_tp_and_pp(tmp_path):

@@ -39,6 +39,7 @@ from megatron_align.io import write_text_atomic
 from megatron_align.model.presets import resolve_architecture
 
 from .batches import microbatch_iterators, step_microbatches
+from .completion import write_finished
 from megatron_align.parallel.distributed import init_distributed
 from megatron_align.parallel.layout import ParallelLayout
 from megatron_align.parallel.memory import fit_warning
@@ -428,6 +429,8 @@ class Trainer:
             self.save()
         self.checkpointer.wait()
         self.metrics.close()
+        if self.rank == 0 and self.state.iteration >= cfg.train.iterations:
+            write_finished(self.run_dir, self.state.iteration, self.state.consumed_tokens)
         return self.state
 
     def _progress_bar(self):
