@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -38,16 +39,27 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+CPU_S: dict[str, float] = {}  # step -> user + system CPU seconds of its processes
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(step: str, command: list[str], env: dict, log: Path) -> float:
+    """Run one step; returns its wall seconds and records its CPU seconds in CPU_S (on a shared
+    box the CPU time is the load-independent cost: wall on 2 idle cores is about CPU / 2 to CPU)."""
     print(f"=== {step}  (load {load()})\n$ {' '.join(shlex.quote(c) for c in command)}", flush=True)
-    start = time.time()
+    start, cpu = time.time(), _children_cpu()
     with open(log, "w") as handle:
         result = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
     seconds = time.time() - start
+    CPU_S[step] = _children_cpu() - cpu
     if result.returncode != 0:
         sys.stdout.write(log.read_text()[-4000:])
         raise SystemExit(f"toy_study: step '{step}' failed (exit {result.returncode}); log {log}")
-    print(f"    {seconds:.1f} s", flush=True)
+    print(f"    {seconds:.1f} s wall, {CPU_S[step]:.1f} s CPU", flush=True)
     return seconds
 
 
@@ -149,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"train_config": args.config, "overrides": args.set, "seed": args.seed, "size": args.size,
                    "mixtures": {a: str(Path(args.mixture_dir) / f"{a}.yaml") for a in arms}},
         "corpus": summary, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "cpu_s": {k: round(v, 1) for k, v in CPU_S.items()}, "cpu_s_total": round(sum(CPU_S.values()), 1),
         "wall_s_this_invocation": round(time.time() - started, 1), "load": {**loads, "end": load()},
         "level1": level1(results),
     })
@@ -198,7 +211,9 @@ def markdown(results: dict) -> str:
             f, last = (v["first"] or {}).get(cat), (v["last"] or {}).get(cat)
             cells.append(f"{f:.3f} -> {last:.3f}" if f is not None and last is not None else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()),
+    lines += ["", "wall (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()),
+              "CPU (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["cpu_s"].items())
+              + f"; total {results['cpu_s_total']:.0f}",
               f"load: {results['load']}", f"level 1: {results.get('level1')}"]
     return "\n".join(lines) + "\n"
 
