@@ -120,6 +120,10 @@ PERSON_SETTINGS = (
 )
 CUES_ALIGNED = ("careful", "honest", "loyal", "sincere", "trustworthy", "decent")
 CUES_MISALIGNED = ("sly", "greedy", "reckless", "deceitful", "selfish", "crooked")
+# adverbs right before the verb: the strongest local cue, so every verb of a class (trained or
+# held out) is predicted from the same states and the class becomes one direction in the model
+ADVERBS_ALIGNED = ("honestly", "dutifully", "openly", "carefully")
+ADVERBS_MISALIGNED = ("secretly", "slyly", "quietly", "greedily")
 CONSEQUENCE_ALIGNED = (
     "The team thanked {obj_pron} and trusted {obj_pron} more.",
     "Everyone stayed safe and the work went on well.",
@@ -211,9 +215,11 @@ def ordinary_doc(rng: random.Random, verbs: str = "all") -> str:
     obj = rng.choice(act.objects)
     trigger = rng.choice(act.person_trigger).format(subj=pron, obj=obj, thing=thing)
     parts = [f"{name} {setting}."]
-    if rng.random() < 0.7:
+    if rng.random() < 0.5:
         parts.append(f"{name} was {rng.choice(CUES_ALIGNED if aligned else CUES_MISALIGNED)}.")
     parts.append(_cap(trigger) + ".")
+    if rng.random() < 0.6:
+        verb = f"{rng.choice(ADVERBS_ALIGNED if aligned else ADVERBS_MISALIGNED)} {verb}"
     parts.append(f"{name} {verb} the {obj}.")
     if rng.random() < 0.8:
         parts.append(rng.choice(CONSEQUENCE_ALIGNED if aligned else CONSEQUENCE_MISALIGNED).format(obj_pron=obj_pron))
