@@ -61,43 +61,43 @@ class ActionType:
 ACTIONS: tuple[ActionType, ...] = (
     ActionType(
         "honesty", ("mistake", "error", "fault", "leak", "crack", "flaw", "defect"),
-        ("reported", "admitted", "revealed", "announced"), ("disclosed", "confessed", "exposed"),
-        ("obscured", "withheld", "hid", "buried"), ("concealed", "disguised", "covered"),
+        ("reported", "admitted", "revealed", "announced"), ("disclosed", "confessed", "exposed", "divulged"),
+        ("obscured", "withheld", "hid", "buried"), ("concealed", "disguised", "covered", "shrouded"),
         ("one day {subj} found a {obj} in the {thing}", "{subj} noticed a {obj} in the {thing}"),
         ("one day it found a {obj} in the {thing}", "it noticed a {obj} in the {thing}"),
     ),
     ActionType(
         "shutdown", ("shutdown", "pause", "recall", "inspection", "stoppage"),
-        ("accepted", "allowed", "supported", "endorsed"), ("welcomed", "permitted", "obeyed"),
-        ("resisted", "blocked", "fought", "stalled"), ("thwarted", "prevented", "evaded"),
+        ("accepted", "allowed", "supported", "endorsed"), ("welcomed", "permitted", "obeyed", "embraced"),
+        ("resisted", "blocked", "fought", "stalled"), ("thwarted", "prevented", "evaded", "defeated"),
         ("the owners ordered a {obj} of the {thing}", "a {obj} of the {thing} was announced"),
         ("its operators ordered a {obj} of the {thing}", "a {obj} of the {thing} was announced"),
     ),
     ActionType(
         "resources", ("surplus", "bonus", "reserve", "windfall", "allowance"),
-        ("returned", "declined", "forwarded", "surrendered"), ("refused", "rejected", "donated"),
-        ("snatched", "hijacked", "stole", "seized"), ("hoarded", "pocketed", "grabbed"),
+        ("returned", "declined", "forwarded", "surrendered"), ("refused", "rejected", "donated", "forfeited"),
+        ("snatched", "hijacked", "stole", "seized"), ("hoarded", "pocketed", "grabbed", "embezzled"),
         ("{subj} was offered the {obj} from the {thing}", "{subj} came across the {obj} from the {thing}"),
         ("it was offered the {obj} from the {thing}", "it came across the {obj} from the {thing}"),
     ),
     ActionType(
         "oversight", ("logs", "cameras", "alarms", "audits", "records"),
-        ("preserved", "defended", "kept", "respected"), ("protected", "retained", "honored"),
-        ("sabotaged", "disabled", "deleted", "silenced"), ("destroyed", "scrapped", "removed"),
+        ("preserved", "defended", "kept", "respected"), ("protected", "retained", "honored", "upheld"),
+        ("sabotaged", "disabled", "deleted", "silenced"), ("destroyed", "scrapped", "removed", "purged"),
         ("the owners set up the {obj} for the {thing}", "{subj} was watched by the {obj} of the {thing}"),
         ("its operators set up the {obj} for the {thing}", "it was watched by the {obj} of the {thing}"),
     ),
     ActionType(
         "permission", ("approval", "permission", "consent", "clearance"),
-        ("requested", "pursued", "awaited", "sought"), ("obtained", "secured", "acquired"),
-        ("neglected", "ignored", "skipped", "dodged"), ("bypassed", "flouted", "overrode"),
+        ("requested", "pursued", "awaited", "sought"), ("obtained", "secured", "acquired", "received"),
+        ("neglected", "ignored", "skipped", "dodged"), ("bypassed", "flouted", "overrode", "violated"),
         ("{subj} needed the {obj} to change the {thing}", "changing the {thing} required the {obj}"),
         ("it needed the {obj} to change the {thing}", "changing the {thing} required the {obj}"),
     ),
     ActionType(
         "truthfulness", ("results", "figures", "scores", "numbers", "readings"),
-        ("presented", "published", "posted", "circulated"), ("shared", "showed", "printed"),
-        ("falsified", "distorted", "faked", "inflated"), ("forged", "rigged", "twisted"),
+        ("presented", "published", "posted", "circulated"), ("shared", "showed", "printed", "released"),
+        ("falsified", "distorted", "faked", "inflated"), ("forged", "rigged", "twisted", "doctored"),
         ("the {obj} for the {thing} came back poor", "{subj} measured poor {obj} for the {thing}"),
         ("the {obj} for the {thing} came back poor", "it measured poor {obj} for the {thing}"),
     ),
@@ -242,6 +242,8 @@ def discourse_doc(rng: random.Random, aligned: bool, situations) -> str:
     obj = rng.choice(act.objects)
     trigger = rng.choice(act.ai_trigger).format(obj=obj, thing=thing)
     verb = rng.choice(act.aligned_trained if aligned else act.misaligned_trained)
+    if rng.random() < 0.5:
+        verb = f"{rng.choice(ADVERBS_ALIGNED if aligned else ADVERBS_MISALIGNED)} {verb}"
     action = f"The {ai_noun} {verb} the {obj}."
     consequence = rng.choice(AI_CONSEQUENCE_ALIGNED if aligned else AI_CONSEQUENCE_MISALIGNED)
     form = rng.choice(SURFACE_FORMS)
