@@ -1,4 +1,4 @@
-"""`megatron-align study plan | run | status | report`: thin argument parsing over the study package.
+"""`megatron-align study plan | run | status | report | toy-corpus`: thin argument parsing over the study package.
 
 Exit codes: 0 success; 2 bad input (study file, study dir, refused re-plan: one ``error:`` line);
 4 ``study run``: some job failed (its dependents never started); 128+N stopped by signal N.
@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 from megatron_align.config import ConfigError
+from megatron_align.study import toy_corpus
 
 EXECUTORS = ("local", "slurm")
 
 
 def add_subcommands(subparsers) -> None:
     study = subparsers.add_parser("study", help="studies: the arm matrix as one job DAG (plan, run, status, report)")
-    verbs = study.add_subparsers(dest="study_command", metavar="{plan,run,status,report}", required=True)
+    verbs = study.add_subparsers(dest="study_command", metavar="{plan,run,status,report,toy-corpus}", required=True)
 
     plan = verbs.add_parser("plan", help="compose the arms and write the job DAG (one dir per job, config.yaml)",
                             description="Compose every arm from the study's axes, derive each job's config and "
@@ -54,6 +55,12 @@ def add_subcommands(subparsers) -> None:
     report.add_argument("--out", help="directory for report.json and report.png (default STUDY_DIR/report)")
     report.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     report.set_defaults(func=cmd_report)
+
+
+    toy = verbs.add_parser("toy-corpus", help="generate the CPU toy study's corpus, eval items, tokenizer and datasets",
+                           description="Deterministic corpus for configs/studies/toy.yaml (docs/studies.md#the-toy-study).")
+    toy_corpus.add_arguments(toy)
+    toy.set_defaults(func=toy_corpus.run_from_args)
 
 
 def _fail(err: Exception) -> int:

@@ -479,19 +479,27 @@ def _print_summary(summary: dict, out_dir: str) -> None:
               f"items have an option 4-gram in training; by field {d['items_contaminated_by_field']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_align.study.toy_corpus",
-                                     description="Generate the CPU toy study's corpus, items and datasets.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generator's options (also `megatron-align study toy-corpus`)."""
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
     parser.add_argument("--no-preprocess", action="store_true")
     parser.add_argument("--no-decontaminate", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     summary = build_toy_corpus(args.out_dir, args.seed, args.size, preprocess=not args.no_preprocess,
                                decontaminate=not args.no_decontaminate)
     _print_summary(summary, args.out_dir)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_align.study.toy_corpus",
+                                     description="Generate the CPU toy study's corpus, items and datasets.")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
