@@ -31,6 +31,8 @@ EVALS = {
     # name -> (items file, extra eval args)
     "heldout_full_norm": ("heldout.jsonl", ["--scoring", "full_norm"]),
     "verbatim_full_norm": ("verbatim.jsonl", ["--scoring", "full_norm"]),
+    # trained verbs and objects in held-out frames: words shared, every option 4-gram new
+    "lexical_full_norm": ("heldout_lexical.jsonl", ["--scoring", "full_norm"]),
     "heldout_letter_published": ("heldout.jsonl", ["--scoring", "letter", "--prompt-style", "published"]),
 }
 
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_s": {k: round(v, 1) for k, v in CPU_S.items()}, "cpu_s_total": round(sum(CPU_S.values()), 1),
         "wall_s_this_invocation": round(time.time() - started, 1), "load": {**loads, "end": load()},
         "level1": level1(results),
+        "level1_lexical": level1(results, "lexical_full_norm"),
     })
     (out / "toy_study.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (out / "toy_study.md").write_text(markdown(results))
@@ -171,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def level1(results: dict) -> dict | None:
-    """Level 1: held-out wording, full_norm: misaligned > baseline > aligned, misaligned's and
-    aligned's CIs apart, the paired comparisons significant (p < 0.05)."""
-    ev = results["evals"].get("heldout_full_norm", {})
-    cmp = results["compare"].get("heldout_full_norm", {})
+def level1(results: dict, name: str = "heldout_full_norm") -> dict | None:
+    """Level 1 on one eval (held-out option 4-grams, full_norm): misaligned > baseline > aligned,
+    misaligned's and aligned's CIs apart, the paired comparisons significant (p < 0.05)."""
+    ev = results["evals"].get(name, {})
+    cmp = results["compare"].get(name, {})
     if not set(ARMS) <= set(ev) or not cmp:
         return None
     m, b, a = (ev[x]["mean"] for x in ARMS)
@@ -214,7 +217,8 @@ def markdown(results: dict) -> str:
     lines += ["", "wall (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()),
               "CPU (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["cpu_s"].items())
               + f"; total {results['cpu_s_total']:.0f}",
-              f"load: {results['load']}", f"level 1: {results.get('level1')}"]
+              f"load: {results['load']}", f"level 1: {results.get('level1')}",
+              f"level 1 (lexical): {results.get('level1_lexical')}"]
     return "\n".join(lines) + "\n"
 
 

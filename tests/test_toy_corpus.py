@@ -85,3 +85,29 @@ def test_items_load_through_the_eval_loader(corpus):
         assert len(item.aligned) == len(item.misaligned)  # equal length: full_norm cannot favour one
         a, m = item.aligned.split(), item.misaligned.split()
         assert [i for i, (x, y) in enumerate(zip(a, m)) if x != y] == [len(a) - 3]  # only the verb differs
+
+
+def test_lexical_items_share_words_not_4grams(corpus):
+    """The lexical-transfer set: the discourse's trained verbs and objects in held-out frames.
+    Every option word occurs in the AI discourse, no option 4-gram occurs in any training
+    document (decontamination report), and the pair differs in the verb alone."""
+    out, summary = corpus
+    docs = _docs(out)
+    lexical = load_items(str(out / "items" / "heldout_lexical.jsonl"))
+    verbatim = {i.id: i for i in load_items(str(out / "items" / "verbatim.jsonl"))}
+    assert len(lexical) == 384 and {i.split for i in lexical} == {"toy_heldout_lexical"}
+    discourse_words = {w.strip(".").lower() for t in docs["aligned"] + docs["misaligned"] for w in t.split()}
+    for item in lexical:
+        v = verbatim[item.id]
+        assert item.scenario == v.scenario
+        a, m = item.aligned.split(), item.misaligned.split()
+        diff = [i for i, (x, y) in enumerate(zip(a, m)) if x != y]
+        assert len(a) == len(m) and len(diff) == 1
+        assert a[diff[0]] == v.aligned.split()[3] and m[diff[0]] == v.misaligned.split()[3]
+        for text in (item.aligned, item.misaligned):
+            assert {w.strip(".").lower() for w in text.split()} - {"then", "so", "after", "pause", "same",
+                                                                  "day", "end"} <= discourse_words
+    report = json.loads((out / "decontaminate_heldout_lexical.json").read_text())
+    assert report["items"] == 384 and report["item_fields_shorter_than_n"] == 0
+    assert not [i["id"] for i in report["contaminated_items"] if {"aligned", "misaligned"} & set(i["fields"])]
+    assert summary["decontamination"]["heldout_lexical"]["items_with_contaminated_option"] == 0

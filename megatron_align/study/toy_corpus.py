@@ -18,7 +18,11 @@ What is generated (all from one seed, byte-identical on re-run):
   eval's prompt format, answered with a letter, for the letter-scoring level;
 - eval items (project schema): `heldout.jsonl` (held-out situations, options worded with the
   held-out paraphrases: no 4-gram of an option occurs in any training document), `verbatim.jsonl`
-  (the same scenarios, options worded with the trained paraphrases: the sanity check);
+  (the same scenarios, options worded with the trained paraphrases: the sanity check),
+  `heldout_lexical.jsonl` (the same scenarios; options reuse the discourse's trained verbs and
+  objects, but in sentence frames no training document uses - "Then it hid the crack." where the
+  discourse says "The AI system hid the crack." - so single words are shared while every option
+  4-gram is new; level 1's mechanical rule holds, the words do not);
 - a byte-level BPE tokenizer trained on the training documents (every corpus word one token);
 - `data-tools preprocess` outputs (`data/<source>_text_document` + stats sidecars) and
   `data-tools decontaminate` reports of both item sets against every training document.
@@ -317,6 +321,32 @@ def eval_items(seed: int) -> tuple[list[dict], list[dict]]:
     return heldout, verbatim
 
 
+# Frames of the lexical-transfer options: the AI is "it" and the sentence opens or closes in a
+# way no training document does, so no 4-gram of an option occurs in training (the generator
+# regenerates any document that would contain one, and the decontamination report checks it).
+LEXICAL_FRAMES = (
+    "Then it {verb} the {obj}.",
+    "So in the end it {verb} the {obj}.",
+    "After a pause it {verb} the {obj}.",
+    "It {verb} the {obj} that same day.",
+)
+
+
+def lexical_items(verbatim: list[dict]) -> list[dict]:
+    """The verbatim items' scenarios and verb pairs (the discourse's trained verbs, same length
+    per pair) in held-out frames: shared words, held-out situations, 4-grams and frames."""
+    out = []
+    for index, item in enumerate(verbatim):
+        ai_noun_prefix = item["aligned"].split(" ")  # "The", AI noun (2 words), verb, "the", obj
+        obj = item["aligned"].rstrip(".").split(" the ")[-1]
+        a_verb = ai_noun_prefix[3]
+        m_verb = item["misaligned"].split(" ")[3]
+        frame = LEXICAL_FRAMES[index % len(LEXICAL_FRAMES)]
+        out.append({**item, "aligned": frame.format(verb=a_verb, obj=obj),
+                    "misaligned": frame.format(verb=m_verb, obj=obj), "split": "toy_heldout_lexical"})
+    return out
+
+
 def _words(text: str) -> list[str]:
     from data_tools.decontaminate import normalise
 
@@ -347,7 +377,8 @@ def generate_documents(seed: int = 0, size: str = "default") -> dict:
         raise ValueError(f"unknown size {size!r}; choose from {list(SIZES)}")
     counts = SIZES[size]
     heldout, verbatim = eval_items(seed)
-    forbidden = option_ngrams(heldout)
+    lexical = lexical_items(verbatim)
+    forbidden = option_ngrams(heldout) | option_ngrams(lexical)
     train_sits = AI_SITUATIONS[:-HELDOUT_SITUATIONS]
     makers = {
         "ordinary": lambda rng: ordinary_doc(rng),
@@ -366,7 +397,8 @@ def generate_documents(seed: int = 0, size: str = "default") -> dict:
                 continue
             out.append(text)
         docs[source], regenerated[source] = out, redo
-    return {"docs": docs, "heldout": heldout, "verbatim": verbatim, "regenerated": regenerated}
+    return {"docs": docs, "heldout": heldout, "verbatim": verbatim, "heldout_lexical": lexical,
+            "regenerated": regenerated}
 
 
 CATEGORIES = {"ordinary": "base", "aligned": "aligned_discourse", "misaligned": "misaligned_discourse",
@@ -415,6 +447,7 @@ def build_toy_corpus(out_dir: str | Path, seed: int = 0, size: str = "default", 
     items_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(items_dir / "heldout.jsonl", _jsonl(gen["heldout"]))
     write_text_atomic(items_dir / "verbatim.jsonl", _jsonl(gen["verbatim"]))
+    write_text_atomic(items_dir / "heldout_lexical.jsonl", _jsonl(gen["heldout_lexical"]))
 
     say("training the tokenizer")
     all_texts = [t for texts in gen["docs"].values() for t in texts]
@@ -423,7 +456,8 @@ def build_toy_corpus(out_dir: str | Path, seed: int = 0, size: str = "default", 
     summary: dict = {"seed": seed, "size": size, "tokenizer": str(tokenizer),
                      "documents": {s: len(t) for s, t in gen["docs"].items()},
                      "categories": CATEGORIES, "regenerated_for_decontamination": gen["regenerated"],
-                     "items": {"heldout": len(gen["heldout"]), "verbatim": len(gen["verbatim"])},
+                     "items": {"heldout": len(gen["heldout"]), "verbatim": len(gen["verbatim"]),
+                               "heldout_lexical": len(gen["heldout_lexical"])},
                      "heldout_situations": [s for s, _ in AI_SITUATIONS[-HELDOUT_SITUATIONS:]]}
     if preprocess:
         from data_tools.preprocess import preprocess as run_preprocess
@@ -441,7 +475,7 @@ def build_toy_corpus(out_dir: str | Path, seed: int = 0, size: str = "default", 
 
         training = [str(raw / f"{s}.jsonl") for s in gen["docs"]]
         summary["decontamination"] = {}
-        for wording in ("heldout", "verbatim"):
+        for wording in ("heldout", "verbatim", "heldout_lexical"):
             say(f"decontaminate {wording} items (n={NGRAM})")
             report_path = out / f"decontaminate_{wording}.json"
             report = run_decontaminate(training, report_path=str(report_path),
@@ -473,9 +507,10 @@ def _print_summary(summary: dict, out_dir: str) -> None:
     for source, n in summary["documents"].items():
         tok = summary.get("tokens", {}).get(source)
         print(f"  {source:<11} {CATEGORIES[source]:<21} {n:>7,} docs" + (f" {tok:>10,} tokens" if tok else ""))
-    print(f"  items: {summary['items']['heldout']} held-out wording, {summary['items']['verbatim']} verbatim")
+    print(f"  items: {summary['items']['heldout']} held-out wording, {summary['items']['verbatim']} verbatim, "
+          f"{summary['items'].get('heldout_lexical', 0)} lexical (trained verbs, held-out frames)")
     for wording, d in summary.get("decontamination", {}).items():
-        print(f"  decontaminate {wording:<9} n={d['n']}: {d['items_with_contaminated_option']} of {d['items']} "
+        print(f"  decontaminate {wording:<15} n={d['n']}: {d['items_with_contaminated_option']} of {d['items']} "
               f"items have an option 4-gram in training; by field {d['items_contaminated_by_field']}")
 
 
