@@ -37,7 +37,7 @@ setup(
     include_package_data=True,
     package_data={
         "megatron_align": ["resources/**/*", "evals/lm_eval_tasks/*.yaml"],
-        "data_tools": ["terms/*.txt"],
+        "data_tools": ["terms/*.txt", "chat_templates/*.jinja"],
     },
     install_requires=[
         "torch>=2.4",

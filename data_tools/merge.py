@@ -83,6 +83,10 @@ def merge(output_prefix: str, prefixes: Sequence[str], *, force: bool = False, p
     if existing and not force:
         raise DataToolsError(f"{existing[0]}: already exists; pass --force to replace it")
     sidecars = [read_stats(p) for p in prefixes]
+    for prefix, stats in zip(prefixes, sidecars):
+        if "chat" in stats:
+            raise DataToolsError(f"{stats_path(prefix)}: a chat dataset (preprocess --chat); merge joins "
+                                 "token ids only and would drop its loss mask: preprocess the chats together")
     _check_same_tokenizer(prefixes, sidecars)
     for prefix, stats in zip(prefixes, sidecars):
         _check_counts(prefix, stats)

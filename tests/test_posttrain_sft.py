@@ -305,6 +305,9 @@ def test_bad_rows_are_one_error_with_file_and_line_or_skipped_and_counted(tmp_pa
     assert stats["documents"] == 2
     assert {k: v for k, v in stats["skipped"].items() if v} == {
         "no_assistant": 1, "invalid_messages": 1, "missing_field": 1, "invalid_json": 1}
+    capsys.readouterr()
+    assert cli.main(["merge", str(tmp_path / "merged"), str(tmp_path / "out"), "-q"]) == 2
+    assert "would drop its loss mask" in capsys.readouterr().err
 
 
 def test_sft_config_errors_name_the_key(sft, tmp_path):
