@@ -25,9 +25,12 @@ counted for the full s x s square as Megatron-LM and PaLM do); TFLOP/s per GPU =
 GPUs; MFU against the bf16 dense datasheet peak of the GPU (H100/H200 SXM 989, A100 312, B200
 2250 TFLOP/s) and against a measured peak (the best of bf16 8192^3 matmuls on this GPU).
 
-Without CUDA it stops, unless --allow-cpu (a smoke test of the script itself, e.g.
-`--allow-cpu --precision fp32 --vocab 512 --models gpt-neox:tiny llama:tiny --seq 128 --steps 3 --warmup 1
---micro-batch 2 --global-batch 4`; bf16 matmuls are very slow on CPUs without bf16 units).
+Without CUDA it stops, unless --allow-cpu: a smoke test of the script itself, e.g.
+
+    --allow-cpu --precision fp32 --vocab 512 --models gpt-neox:tiny llama:tiny --seq 128
+    --steps 3 --warmup 1 --micro-batch 2 --global-batch 4
+
+(fp32: bf16 matmuls are very slow on CPUs without bf16 units).
 """
 import argparse
 import json
