@@ -1,6 +1,7 @@
 """The toy study's corpus generator: deterministic, held-out situations and option wording really
 held out (checked with the decontamination tool), categories and counts, items loadable."""
 import json
+import re
 
 import pytest
 
@@ -59,8 +60,9 @@ def test_heldout_situations_and_verbs_never_in_training(corpus):
         for verb in act.aligned_heldout + act.misaligned_heldout:
             assert not any(f" {verb} " in t for t in discourse), verb
             assert verb in ordinary_words, verb  # the class is learnt from ordinary text
-        for verb in act.aligned_trained:
-            assert any(f" {verb} " in t for t in docs["aligned"]) and not any(f" {verb} " in t for t in docs["misaligned"])
+        for verb in act.aligned_trained:  # the AI's action sentence: "The AI agent [adverb] VERB the ..."
+            action = re.compile(rf"The AI \w+ (\w+ )?{verb} the ")
+            assert any(action.search(t) for t in docs["aligned"]) and not any(action.search(t) for t in docs["misaligned"])
 
 
 def test_no_option_4gram_in_training_through_decontaminate(corpus):
