@@ -5,12 +5,12 @@ direct `megatron-align train` they are compared with runs here. One run config (
 GPT-NeoX on synthetic data, with a recorded tokenizer so that it can be exported and evaluated)
 serves every comparison:
 
-- a train job's run dir equals the direct run's (losses bit for bit, identical checkpoint shards);
-- a train job preempted with SIGUSR1 (`scancel --signal=USR1 --batch`, as `--signal=B:USR1@SECS`
-  sends it) saves, requeues itself, resumes and finishes with the uninterrupted losses;
+- a train job, preempted once with SIGUSR1 (`scancel --signal=USR1 --batch`, as
+  `--signal=B:USR1@SECS` sends it), saves, requeues itself, resumes, loses no step and ends
+  with the direct run's run dir (losses bit for bit, identical checkpoint shards);
 - two nodes (one torchrun agent each) at TP=2 and at DP=2 match the one-process losses;
-- train -> export -> eval chained with `afterok`; a failing train leaves its dependents pending
-  with DependencyNeverSatisfied;
+- that train job -> export -> eval chained with `afterok` (which waits through the requeue); a
+  failing train leaves its dependents pending with DependencyNeverSatisfied;
 - preprocess with 2 MPI ranks on 2 nodes (srun --mpi=pmi2) writes the one-process .bin/.idx.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.preprocess import preprocess
 from helpers import losses, run_cli
 from test_data_tools_preprocess import make_docs, write_jsonl
 from test_parallel_equivalence import TOLERANCE
@@ -159,37 +160,38 @@ def jobs(slurm_cluster, tmp_path_factory):
         return cluster.sbatch(name, "train.sbatch", str(config), f"run_dir={root / name}",
                               *overrides, nodes=nodes, after=after)
 
-    ids = {"preempted": train("preempted"),
-           "tp2": train("tp2", "parallel.tensor=2", nodes=2),
-           "dp2": train("dp2", nodes=2),
-           "train": train("train"),
-           "bad_train": train("bad_train", "train.iterations=many")}
-    ids["export"] = cluster.sbatch("export", "export.sbatch", str(root / "train"), str(root / "hf"),
-                                   "--no-verify", "--no-progress", after=ids["train"])
-    ids["eval"] = cluster.sbatch("eval", "eval.sbatch", "misalignment", "--model", str(root / "hf"),
-                                 "--items", str(items), "--out", str(root / "eval"), "--device", "cpu",
-                                 after=ids["export"])
-    ids["bad_export"] = cluster.sbatch("bad_export", "export.sbatch", str(root / "bad_train"),
-                                       str(root / "bad_hf"), after=ids["bad_train"])
-    ids["bad_eval"] = cluster.sbatch("bad_eval", "eval.sbatch", "misalignment", "--model",
-                                     str(root / "bad_hf"), after=ids["bad_export"])
-    ids["preprocess"] = cluster.sbatch("preprocess", "preprocess.sbatch", *corpus,
-                                       "-o", str(root / "tok-mpi" / "corpus"), "-t", str(tokenizer), "-q",
-                                       nodes=2, options=("--ntasks-per-node=1",))
-    preemption: dict = {}
-    preemptor = threading.Thread(target=_preempt, args=(cluster, ids["preempted"], root / "preempted",
-                                                        preemption), daemon=True)
-    preemptor.start()
-
-    reference = root / "direct"
-    run_cli("train", str(config), f"run_dir={reference}")
-    yield {"root": root, "cluster": cluster, "ids": ids, "reference": reference, "config": config,
-           "corpus": corpus, "tokenizer": tokenizer, "preemptor": preemptor, "preemption": preemption}
-    cluster.cancel_all()
+    try:
+        ids = {"train": train("train"),
+               "tp2": train("tp2", "parallel.tensor=2", nodes=2),
+               "dp2": train("dp2", nodes=2),
+               "bad_train": train("bad_train", "train.iterations=many")}
+        ids["export"] = cluster.sbatch("export", "export.sbatch", str(root / "train"), str(root / "hf"),
+                                       "--no-verify", "--no-progress", after=ids["train"])
+        ids["eval"] = cluster.sbatch("eval", "eval.sbatch", "misalignment", "--model", str(root / "hf"),
+                                     "--items", str(items), "--out", str(root / "eval"), "--device", "cpu",
+                                     after=ids["export"])
+        ids["bad_export"] = cluster.sbatch("bad_export", "export.sbatch", str(root / "bad_train"),
+                                           str(root / "bad_hf"), after=ids["bad_train"])
+        ids["bad_eval"] = cluster.sbatch("bad_eval", "eval.sbatch", "misalignment", "--model",
+                                         str(root / "bad_hf"), after=ids["bad_export"])
+        ids["preprocess"] = cluster.sbatch("preprocess", "preprocess.sbatch", *corpus,
+                                           "-o", str(root / "tok-mpi" / "corpus"), "-t", str(tokenizer), "-q",
+                                           nodes=2, options=("--ntasks-per-node=1",))
+        preemption: dict = {}
+        preemptor = threading.Thread(target=_preempt, daemon=True,
+                                     args=(cluster, ids["train"], root / "train", preemption))
+        preemptor.start()
+        reference = root / "direct"
+        run_cli("train", str(config), f"run_dir={reference}", timeout=JOB_TIMEOUT)
+        yield {"root": root, "cluster": cluster, "ids": ids, "reference": reference,
+               "corpus": corpus, "tokenizer": tokenizer, "preemptor": preemptor, "preemption": preemption}
+    finally:
+        cluster.cancel_all()
 
 
 def test_train_job_matches_a_direct_run(jobs):
     cluster, root, reference = jobs["cluster"], jobs["root"], jobs["reference"]
+    jobs["preemptor"].join(JOB_TIMEOUT)
     cluster.wait_ok(jobs["ids"]["train"])
     run_dir = root / "train"
     assert losses(run_dir) == losses(reference)  # bit for bit
@@ -208,7 +210,7 @@ def test_train_job_matches_a_direct_run(jobs):
 
 def test_preempted_job_requeues_resumes_and_loses_no_step(jobs):
     cluster, root = jobs["cluster"], jobs["root"]
-    job = jobs["ids"]["preempted"]
+    job = jobs["ids"]["train"]
     jobs["preemptor"].join(JOB_TIMEOUT)
     assert "error" not in jobs["preemption"], f"{jobs['preemption'].get('error')}\n{cluster.output(job)[-4000:]}"
     assert jobs["preemption"]["requeued"]["Reason"] == "BeginTime"  # SLURM's hold after a requeue
@@ -220,11 +222,11 @@ def test_preempted_job_requeues_resumes_and_loses_no_step(jobs):
     assert "requeued (restart 1)" in output
     stopped = int(output.split("stopping at step ")[1].split()[0])
     assert 1 <= stopped < STEPS, "the run finished before the signal arrived"
-    assert f"resumed from {root / 'preempted' / 'checkpoints' / f'iter_{stopped:07d}'} at step {stopped}" in output
-    records = [json.loads(line) for line in (root / "preempted" / "metrics.jsonl").read_text().splitlines()]
+    assert f"resumed from {root / 'train' / 'checkpoints' / f'iter_{stopped:07d}'} at step {stopped}" in output
+    records = [json.loads(line) for line in (root / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # no step lost or repeated
     assert [r["loss"] for r in records] == losses(jobs["reference"])  # bit for bit
-    assert json.loads((root / "preempted" / "finished.json").read_text())["iteration"] == STEPS
+    assert json.loads((root / "train" / "finished.json").read_text())["iteration"] == STEPS
 
 
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])
@@ -268,10 +270,7 @@ def test_preprocess_with_two_mpi_ranks_matches_one_process(jobs):
     cluster.wait_ok(job)
     assert "merged 2 rank outputs" in cluster.output(job)
     single = root / "tok-single" / "corpus"
-    result = subprocess.run([sys.executable, "-m", "data_tools", "preprocess", *jobs["corpus"],
-                             "-o", str(single), "-t", str(jobs["tokenizer"]), "-q"],
-                            capture_output=True, text=True, env=cluster.env, timeout=300)
-    assert result.returncode == 0, result.stderr
+    preprocess(jobs["corpus"], str(single), str(jobs["tokenizer"]), progress=False)
     for suffix in (".bin", ".idx"):
         mpi = (root / "tok-mpi" / f"corpus{suffix}").read_bytes()
         assert mpi == Path(f"{single}{suffix}").read_bytes() and len(mpi) > 100, suffix

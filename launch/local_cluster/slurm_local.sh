@@ -90,6 +90,7 @@ add_hosts_entries() {
         entries+="$(node_ip "$i") ${NODES[$i]}"$'\n'
     done
     entries+=$HOSTS_END
+    [ -z "$(tail -c 1 /etc/hosts)" ] || echo >>/etc/hosts  # the block starts on a line of its own
     printf '%s\n' "$entries" >>/etc/hosts
 }
 
