@@ -119,6 +119,7 @@ class Trainer:
         # resolved for config.yaml and checkpoints; an imported model's may exceed its tokenizer's
         config.model.vocab_size = max(config.model.vocab_size or 0, self.data.vocab_size)
         self.state.tokens_by_category = {c: 0 for c in self.data.categories}
+        self._drop_valid_categories_smaller_than_a_batch()
         self._warn_if_memory_short()
 
         self.tf_config = transformer_config(config)
@@ -442,6 +443,18 @@ class Trainer:
                     desc="train", file=sys.stderr, dynamic_ncols=True)
 
     @torch.no_grad()
+    def _drop_valid_categories_smaller_than_a_batch(self) -> None:
+        """Validation runs whole global batches; a category with fewer held-out samples than one
+        would report 0/0 = NaN, so it is left out with a warning that says how to get it back."""
+        batch = self.layout.global_batch_size
+        for name, dataset in list(self.data.valid.items()):
+            if len(dataset) < batch:
+                del self.data.valid[name]
+                if self.rank == 0:
+                    log.warning("category %s has %d held-out validation samples, fewer than one global batch "
+                                "(%d): its validation loss is not computed; raise the mixture's valid_fraction "
+                                "or data.valid_samples_per_category", name, len(dataset), batch)
+
     def evaluate(self) -> dict[str, float]:
         """Per-category validation loss over ``train.eval_iters`` global batches each."""
         results = {}
