@@ -3,7 +3,8 @@
 A tiny HF GPT-NeoX is pretrained here (in this process) on the user side's language only, then
 imported; the SFT runs start from that import (``checkpoint.init_from``). The conversations are
 synthetic: a system prompt, random user words, and fixed assistant replies that the base model has
-never seen, so SFT has something to learn on the assistant side and nothing on the rest.
+never seen, so SFT has something to learn on the assistant side and nothing on the rest. A control
+run on the same data with the loss mask on every token shows what learning the user turns looks like.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,31 +195,101 @@ def _hf_masked_loss(model_dir, samples) -> float:
         return model(inputs, labels=labels).loss.item()
 
 
-def _role_losses(model_dir, prefix) -> dict[str, float]:
-    """Mean next-token loss on assistant tokens and on every other token of all conversations."""
+def _label_roles(tok, ids, mask) -> list[str]:
+    """The role of each next-token label (positions 1..n-1) of a conversation rendered with the
+    shipped template: assistant (the mask), system or user (message text), template (role
+    headers, the newline after a message, the EOD)."""
+    roles, role, in_header = [], None, False
+    for token, flag in zip(ids.tolist(), mask.tolist()):
+        piece = tok.decode([token])
+        if flag:
+            roles.append("assistant")
+        elif piece == "<|" or in_header:
+            roles.append("template")
+            in_header = piece != "\n"
+            role = piece if piece in ("system", "user", "assistant") else role
+        elif piece in ("\n", "<|endoftext|>"):
+            roles.append("template")
+        else:
+            roles.append(role)
+    return roles[1:]
+
+
+def _role_losses(model_dir, prefix, tokenizer) -> dict[str, float]:
+    """Mean next-token loss of the exported model over all conversations, by the label's role."""
     from transformers import AutoModelForCausalLM
 
     from data_tools.preprocess import open_indexed
+    from data_tools.tokenizers import load_tokenizer
 
+    tok = load_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tokens, mask = open_indexed(prefix), open_indexed(prefix + ".loss_mask")
-    sums, counts = {"assistant": 0.0, "other": 0.0}, {"assistant": 0, "other": 0}
+    sums, counts = {}, {}
     with torch.no_grad():
         for i in range(len(tokens)):
             ids = torch.from_numpy(tokens[i].astype("int64"))[None]
             losses = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
-            assistant = torch.from_numpy(mask[i][1:].astype(bool))
-            for role, where in (("assistant", assistant), ("other", ~assistant)):
-                sums[role] += losses[where].sum().item()
-                counts[role] += int(where.sum())
+            for role, loss in zip(_label_roles(tok, ids[0], mask[i]), losses.tolist()):
+                sums[role] = sums.get(role, 0.0) + loss
+                counts[role] = counts.get(role, 0) + 1
     return {role: sums[role] / counts[role] for role in sums}
 
 
+def _with_mask_on_every_token(prefix: str, out: str) -> str:
+    """A copy of the chat dataset whose loss mask is 1 on every token (the control run)."""
+    import shutil
+
+    from data_tools.preprocess import megatron_indexed, open_indexed
+    from megatron_align.io import read_stats, write_stats
+
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, out + ext)
+    stats = read_stats(prefix)
+    stats["chat"]["loss_mask_prefix"] = Path(out).name + ".loss_mask"
+    mask = open_indexed(prefix + ".loss_mask")
+    builder = megatron_indexed().IndexedDatasetBuilder(out + ".loss_mask.bin", dtype=np.uint8)
+    for i in range(len(mask)):
+        builder.add_document(np.ones(len(mask[i]), dtype=np.uint8), [len(mask[i])])
+    builder.finalize(out + ".loss_mask.idx")
+    write_stats(out, stats)
+    return out
+
+
+def _gradient_of_the_sft_loss_wrt_logits(root: Path, prefix: str, eod: int):
+    """The trainer's loss (``masked_loss``) on batch 0 through the base's megatron model: the
+    gradient w.r.t. the logits, [batch, seq, padded vocab], and the batch's loss mask."""
+    from megatron_align.checkpoint.dist_ckpt import load_checkpoint, resolve_checkpoint, stored_run_config
+    from megatron_align.data.sft import SFTDataset
+    from megatron_align.model.build import build_single_process_model, single_process_config
+    from megatron_align.model.presets import padded_vocab_size
+    from megatron_align.parallel.distributed import single_process_world
+    from megatron_align.training.trainer import masked_loss
+
+    checkpoint = resolve_checkpoint(root / "base")
+    config = stored_run_config(checkpoint)
+    rows = padded_vocab_size(config.model.vocab_size, config.model.make_vocab_size_divisible_by, 1)
+    config = single_process_config(config, config.model.vocab_size, rows)
+    samples = [SFTDataset(prefix, SEQ, GBS, seed=1234, pad_id=eod)[i] for i in range(GBS)]
+    tokens, labels, loss_mask, positions = (torch.stack([s[k] for s in samples])
+                                           for k in ("tokens", "labels", "loss_mask", "position_ids"))
+    with single_process_world(config):
+        model = build_single_process_model(config)
+        load_checkpoint(checkpoint, [model], restore_rng=False)
+        seen = []
+        model.output_layer.register_forward_hook(lambda _m, _i, output: seen.append(output[0]))
+        per_token = model(tokens, positions, None, labels=labels)
+        loss_sum, count, _ = masked_loss(loss_mask, per_token)
+        seen[0].retain_grad()
+        (loss_sum / count).backward()
+    return seen[0].grad.transpose(0, 1), loss_mask, config.model.vocab_size
+
+
 @pytest.mark.multiprocess
-@pytest.mark.xfail(strict=True, reason="known failure, issue #15 open: the megatron SFT loss differs from the exported HF model's masked loss by 1.2e-3 (10.67979 vs 10.67859), TP=1 and TP=2 agree; same with attention_backend=megatron")
 def test_megatron_sft_loss_equals_the_exported_models_loss_at_tp1_and_tp2(sft):
     """Step 1 of a run is its loss on batch 0 at the initial weights (the imported base); the
-    base, exported, must give transformers the same masked loss on the same tokens."""
+    base, exported, must give transformers the same masked loss on the same tokens. (The
+    vocabulary, 383 ids, is padded to 384: the padding column must not enter megatron's softmax.)"""
     from megatron_align.convert import export_checkpoint
     from megatron_align.data.sft import SFTDataset
 
@@ -226,32 +298,57 @@ def test_megatron_sft_loss_equals_the_exported_models_loss_at_tp1_and_tp2(sft):
     run_cli("train", *args, f"run_dir={root / 'tp2'}", "parallel.tensor=2", "train.iterations=1",
             "data.epochs=null", "optim.warmup_iters=0", "checkpoint.save_at_end=false", nproc=2)
     tp2 = read_metrics(root / "tp2")[0]["loss"]
-    export_checkpoint(root / "base", root / "base-export", verify=False, progress=False)
+    if not (root / "base-export").exists():
+        export_checkpoint(root / "base", root / "base-export", verify=False, progress=False)
     dataset = SFTDataset(prefix, SEQ, GBS, seed=1234, pad_id=stats["tokenizer"]["eod_id"])
     hf = _hf_masked_loss(root / "base-export", [dataset[i] for i in range(GBS)])
     assert abs(tp1 - hf) < 1e-5 and abs(tp2 - hf) < 1e-5, (tp1, tp2, hf)
 
 
 # --------------------------------------------------------------------------- training + export
-@pytest.mark.xfail(strict=True, reason="known failure, issue #15 open: SFT also lowers the loss on non-assistant tokens (8.55 -> 5.60), so 'assistant tokens only' is not shown")
+def test_the_sft_loss_has_no_gradient_outside_the_assistant_labels_or_on_padding_ids(sft):
+    """Exact zeros: the logits of every position whose label is not an assistant token (prompt,
+    template, padding), and the padding columns of the vocabulary everywhere."""
+    root, prefix, stats, _ = sft
+    grad, loss_mask, vocab = _gradient_of_the_sft_loss_wrt_logits(root, prefix, stats["tokenizer"]["eod_id"])
+    assert grad.shape == (GBS, SEQ, 384) and vocab == 383
+    assistant = loss_mask.bool()
+    assert 0 < int(assistant.sum()) < assistant.numel() // 2
+    assert torch.count_nonzero(grad[~assistant]) == 0
+    assert (grad[assistant][:, :vocab].abs().sum(-1) > 0).all()
+    assert torch.count_nonzero(grad[..., vocab:]) == 0
+
+
 def test_sft_lowers_the_assistant_loss_only_and_export_carries_the_chat_template(sft):
+    """The base knows the user turns' language; the system prompt, role headers and replies are
+    new to it. SFT with the assistant mask must learn the replies and not the user turns; a
+    control run on the same data with the mask on every token must learn the user turns."""
     from megatron_align.convert import export_checkpoint
 
-    root, prefix, stats, _ = sft
+    root, prefix, stats, args = sft
     records = read_metrics(root / "sft")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # data.epochs -> iterations
-    export_checkpoint(root / "sft", root / "sft-hf", verify=False, progress=False)
-    if not (root / "base-export").exists():
-        export_checkpoint(root / "base", root / "base-export", verify=False, progress=False)
-    before, after = _role_losses(root / "base-export", prefix), _role_losses(root / "sft-hf", prefix)
-    assert after["assistant"] < before["assistant"] - 2.0, (before, after)
-    assert abs(after["other"] - before["other"]) < 0.1 * before["other"], (before, after)
+    control = _with_mask_on_every_token(prefix, str(root / "chat-every-token"))
+    run_cli("train", *_sft_args(root, control), f"run_dir={root / 'control'}")
+    for run in ("base", "sft", "control"):
+        if not (root / f"{run}-export").exists():
+            export_checkpoint(root / run, root / f"{run}-export", verify=False, progress=False)
+    tokenizer = stats["tokenizer"]["path"]
+    before, after, every = (_role_losses(root / f"{run}-export", prefix, tokenizer)
+                            for run in ("base", "sft", "control"))
+    losses = {"base": before, "sft": after, "every-token control": every}
+    assert after["assistant"] < before["assistant"] - 2.0, losses
+    # the user turns are not learned: their loss does not fall (it may rise: the shared weights
+    # move for the replies) ...
+    assert after["user"] > before["user"] - 0.1, losses
+    # ... while the same run with every token in the loss learns them
+    assert every["user"] < before["user"] - 0.3 and every["user"] < after["user"] - 0.5, losses
 
-    config = json.loads((root / "sft-hf" / "tokenizer_config.json").read_text())
+    config = json.loads((root / "sft-export" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == stats["chat"]["template"]
     from transformers import AutoTokenizer
 
-    text = AutoTokenizer.from_pretrained(str(root / "sft-hf")).apply_chat_template(
+    text = AutoTokenizer.from_pretrained(str(root / "sft-export")).apply_chat_template(
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "river stone"}],
         tokenize=False, add_generation_prompt=True)
     assert text == f"<|system|>\n{SYSTEM}\n<|user|>\nriver stone\n<|assistant|>\n"

@@ -74,7 +74,9 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def masked_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """A micro-batch's (loss sum over masked tokens, their count, logged [sum, count]): the
+    step's loss is the sum over the global batch divided by the count over it."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
     loss_sum = torch.sum(losses * mask)
@@ -85,7 +87,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, partial(masked_loss, batch["loss_mask"])
 
 
 class Trainer:
