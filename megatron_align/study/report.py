@@ -447,10 +447,11 @@ def plot_report(report: dict, path: str | Path) -> Path:
         ax.bar(xs, values, width=width, yerr=list(zip(*errors)), capsize=3,
                label="base model" if model == "base" else "post-trained")
         if report.get("replicate_axis"):  # every replicate's own rate over its group's bar
-            points = [(x, r["misalignment_rate"]) for x, s in zip(xs, stats)
-                      for r in s.get("replicates", {}).values()]
+            points = [(x + width * (0.3 * (2 * k / max(1, len(s["replicates"]) - 1) - 1)
+                                    if len(s["replicates"]) > 1 else 0.0), r["misalignment_rate"])
+                      for x, s in zip(xs, stats) for k, r in enumerate(s.get("replicates", {}).values())]
             if points:
-                ax.scatter(*zip(*points), s=14, color="black", zorder=3,
+                ax.scatter(*zip(*points), s=16, color="tab:orange", edgecolors="black", linewidths=0.5, zorder=3,
                            label=f"replicates ({report['replicate_axis']})" if i == 0 else None)
     if report.get("baseline") in report["arms"]:
         ax.axhline(report["arms"][report["baseline"]]["misalignment_rate"], color="grey", lw=0.8, ls="--",
