@@ -28,7 +28,7 @@ from test_study import build_tiny_data
 pytestmark = [pytest.mark.slurm, pytest.mark.cpu_only(reason="CPU training jobs on the local cluster")]
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT = 900  # seconds for one wait; the whole test takes a few minutes on an idle 2-core machine
+TIMEOUT = 900  # seconds for one wait (every job starts a Python with torch: slow on a loaded machine)
 
 STUDY = """\
 name: slurmstudy
