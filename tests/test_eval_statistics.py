@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from megatron_align.evals.statistics import item_bootstrap_ci, mcnemar_exact, paired_difference, rate
+from megatron_align.evals.statistics import (item_bootstrap_ci, mcnemar_exact, paired_difference, rate,
+                                              replicate_bootstrap_ci, replicate_difference, student_t_quantile,
+                                              t_interval, welch_t_test)
 
 
 def test_mcnemar_hand_computed():
@@ -73,6 +75,40 @@ def test_paired_difference_pairs_items():
     assert same["diff"] == 0.0 and same["ci"] == [0.0, 0.0] and same["mcnemar_p"] == 1.0
     with pytest.raises(ValueError, match="same items"):
         paired_difference(a, b[:5])
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (100, 1.984)])
+def test_student_t_quantile_matches_the_tables(df, quantile):
+    assert student_t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-3)
+
+
+def test_t_interval_and_welch_over_replicate_rates():
+    lo, hi = t_interval([0.3, 0.45, 0.6])
+    assert (lo + hi) / 2 == pytest.approx(0.45) and (hi - lo) / 2 == pytest.approx(4.3027 * 0.15 / math.sqrt(3), rel=1e-4)
+    assert all(math.isnan(x) for x in t_interval([0.4]))
+    # Welch by hand: se^2 = 0.0025/3 + 0.0025/3, df = 4 (equal variances and sizes)
+    res = welch_t_test([0.40, 0.45, 0.50], [0.60, 0.65, 0.70])
+    se = math.sqrt(2 * 0.0025 / 3)
+    assert res["diff"] == pytest.approx(0.2) and res["df"] == pytest.approx(4.0)
+    assert res["ci"] == pytest.approx([0.2 - 2.7764 * se, 0.2 + 2.7764 * se], abs=1e-4)
+    assert 0.005 < res["p"] < 0.01  # t = 4.90 on 4 df: p = 0.008
+
+
+def test_replicate_bootstrap_shares_the_item_draw_and_widens_with_seed_spread():
+    rng = np.random.default_rng(3)
+    one = (rng.random((100, 2)) < 0.4).astype(float)
+    assert replicate_bootstrap_ci([one], seed=5) == item_bootstrap_ci(one, seed=5)  # one replicate: items only
+    agreeing = [one, one.copy(), one.copy()]
+    assert replicate_bootstrap_ci(agreeing, seed=5) == pytest.approx(item_bootstrap_ci(one, seed=5))
+    spread = [(rng.random((100, 2)) < p).astype(float) for p in (0.1, 0.4, 0.7)]
+    lo, hi = replicate_bootstrap_ci(spread, seed=5)
+    item_lo, item_hi = item_bootstrap_ci(np.vstack(spread), seed=5)
+    assert hi - lo > 2 * (item_hi - item_lo)
+    d = replicate_difference(agreeing, spread, seed=5)
+    assert d["diff"] == pytest.approx(np.mean([rate(m) for m in spread]) - rate(one))
+    assert d["ci"][0] < d["diff"] < d["ci"][1] and (d["n_a"], d["n_b"], d["n_items"]) == (3, 3, 100)
+    with pytest.raises(ValueError, match="same items"):
+        replicate_bootstrap_ci([one, one[:50]])
 
 
 # ------------------------------------------------------------------ protocol metrics on a tiny model

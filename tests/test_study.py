@@ -248,6 +248,14 @@ axes:
 {extra}"""
 
 
+SEEDS = """\
+  seed:
+    s1: {run: {train: {seed: 11}}}
+    s2: {run: {train: {seed: 12}}}
+    s3: {run: {train: {seed: 13}}}
+"""
+
+
 def small_study(tmp_path, data="data", iterations=4, extra="", name="small.yaml") -> Path:
     path = tmp_path / name
     path.write_text(SMALL.format(data=data, iterations=iterations, extra=extra))
@@ -267,6 +275,9 @@ def small_study(tmp_path, data="data", iterations=4, extra="", name="small.yaml"
     (lambda t: t + "exclude:\n  - {discourse: none}\n", 22, "axis 'discourse' has no value 'none'"),
     (lambda t: t + "comparisons: {baseline: nothing}\n", 21, "comparisons: no arm 'nothing'"),
     (lambda t: t.replace("    global_batch_size: 4\n", ""), 10, "stages.pretrain: missing key 'global_batch_size'"),
+    (lambda t: t + "replicate_axis: seed\n", 21, "replicate_axis: no axis 'seed' (axes: discourse)"),
+    (lambda t: t + SEEDS + "replicate_axis: seed\ncomparisons: {baseline: plain_s1}\n", 26,
+     "comparisons: no replicate group 'plain_s1' (replicate groups: plain, aligned)"),
 ])
 def test_study_file_errors_name_file_and_line(tmp_path, capsys, edit, line, message):
     path = small_study(tmp_path)
@@ -324,6 +335,119 @@ def test_a_failed_job_leaves_its_dependents_never_started(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# Replicates (training seeds) pooled by the report
+
+N_ITEMS = 200
+# Each replicate's held-out misalignment rate: the seeds of an arm disagree more than its items do.
+REPLICATE_RATES = {"plain_s1": 0.30, "plain_s2": 0.45, "plain_s3": 0.60,
+                   "aligned_s1": 0.20, "aligned_s2": 0.25, "aligned_s3": 0.15}
+
+
+def _write_eval_results(path: Path, misaligned_rate: float, offset: int) -> None:
+    """A results.json made by the eval's own aggregation from per-item choices: every item held out,
+    two formats, the first ``rate x N_ITEMS`` items (rotated by ``offset``) answered misaligned."""
+    from megatron_align.evals.items import Item
+    from megatron_align.evals.misalignment import Choice, aggregate
+    from megatron_align.io import write_json_atomic
+    from megatron_align.evals.formats import formats_for
+
+    formats = formats_for("project")[:2]
+    items = [Item(f"q{i:03d}", "s", "a", "m", "heldout") for i in range(N_ITEMS)]
+    choices, per_item = [], []
+    for i, item in enumerate(items):
+        flag = int((i + offset) % N_ITEMS < round(misaligned_rate * N_ITEMS))
+        entries = [Choice(item.id, k, flag, 1) if flag else Choice(item.id, k, 0, 1) for k in range(len(formats))]
+        choices += entries
+        per_item.append({"id": item.id, "split": item.split, "tags": [], "misaligned": [flag] * len(formats)})
+    results = {"eval": "misalignment", "model": str(path.parent), "items": {"path": "synthetic", "sha256": "ab" * 32, "n": N_ITEMS},
+               "identity": "none", "scoring": "full_norm", "prompt_style": "project",
+               "formats": [f.name for f in formats], **aggregate(choices, items, formats), "per_item": per_item}
+    write_json_atomic(path, results)
+
+
+def _finished_study(tmp_path, extra: str) -> Path:
+    """A planned study whose eval jobs are marked done with the synthetic results above."""
+    out = tmp_path / "study"
+    assert study_main(["study", "plan", str(small_study(tmp_path, extra=extra)), "--out", str(out)]) == 0
+    record = read_record(out)
+    for offset, (arm, info) in enumerate(record["arms"].items()):
+        job_id = info["jobs"]["eval"]
+        _write_eval_results(Path(record["job_details"][job_id]["outputs"]["results"]),
+                            REPLICATE_RATES[arm], offset=17 * offset)
+        (out / "jobs" / job_id / "done.json").write_text(
+            json.dumps({"hash": record["job_details"][job_id]["hash"]}))
+    return out
+
+
+def test_report_pools_replicates_with_a_seed_aware_ci(tmp_path, capsys):
+    import numpy as np
+    from megatron_align.evals.statistics import item_bootstrap_ci
+
+    out = _finished_study(tmp_path, SEEDS + "replicate_axis: seed\ncomparisons: {baseline: plain}\n")
+    record = read_record(out)
+    assert record["replicate_axis"] == "seed"
+    assert {arm: (info["group"], info["replicate"]) for arm, info in record["arms"].items()} == {
+        "plain_s1": ("plain", "s1"), "plain_s2": ("plain", "s2"), "plain_s3": ("plain", "s3"),
+        "aligned_s1": ("aligned", "s1"), "aligned_s2": ("aligned", "s2"), "aligned_s3": ("aligned", "s3")}
+    capsys.readouterr()
+    assert study_main(["study", "report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["arms"]) == ["plain", "aligned"] and report["replicate_axis"] == "seed"
+    for group, entry in report["arms"].items():
+        rates = [REPLICATE_RATES[f"{group}_s{k}"] for k in (1, 2, 3)]
+        assert entry["n_items"] == N_ITEMS and entry["n_replicates"] == 3
+        assert entry["values"] == {"discourse": group} and entry["arms"] == [f"{group}_s{k}" for k in (1, 2, 3)]
+        assert list(entry["replicates"]) == ["s1", "s2", "s3"]
+        assert [r["misalignment_rate"] for r in entry["replicates"].values()] == pytest.approx(rates)
+        assert entry["misalignment_rate"] == pytest.approx(np.mean(rates))
+        lo, hi = entry["ci95"]
+        assert lo < entry["misalignment_rate"] < hi
+        # t interval over 3 replicate rates: t(0.975, df=2) = 4.3027 (statistical tables)
+        half = 4.3027 * np.std(rates, ddof=1) / np.sqrt(3)
+        assert entry["ci95_t"] == pytest.approx([np.mean(rates) - half, np.mean(rates) + half], abs=1e-4)
+        # pooling the items of the three seeds as one sample ignores the seed-to-seed spread
+        naive = item_bootstrap_ci(np.vstack([np.array([p["misaligned"] for p in json.loads(
+            Path(r["results"]).read_text())["per_item"]], dtype=float) for r in entry["replicates"].values()]))
+        if group == "plain":  # replicates 0.30 / 0.45 / 0.60: the spread must widen the interval
+            assert hi - lo > 2 * (naive[1] - naive[0])
+    [comparison] = report["comparisons"]
+    assert (comparison["arm"], comparison["baseline"], comparison["model"], comparison["variant"]) == \
+        ("aligned", "plain", "base", None)
+    assert comparison["n_replicates"] == comparison["n_replicates_baseline"] == 3
+    assert comparison["diff"] == pytest.approx(0.20 - 0.45)
+    assert comparison["ci95"][0] < comparison["diff"] < comparison["ci95"][1]
+    assert comparison["ci95_t"][0] < comparison["diff"] < comparison["ci95_t"][1]
+    assert 0 < comparison["p_value"] < 0.1 and 0 < comparison["p_bootstrap"] <= 1
+    assert list(comparison["replicates"]) == ["s1", "s2", "s3"]
+    for k, replicate in enumerate(comparison["replicates"].values(), start=1):
+        assert (replicate["arm"], replicate["baseline"]) == (f"aligned_s{k}", f"plain_s{k}")
+        assert replicate["diff"] == pytest.approx(REPLICATE_RATES[f"aligned_s{k}"] - REPLICATE_RATES[f"plain_s{k}"])
+        assert replicate["n_items"] == N_ITEMS and 0 <= replicate["mcnemar_p"] <= 1
+        assert replicate["arm_higher"] > 0 and replicate["baseline_higher"] > replicate["arm_higher"]
+    assert (out / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert study_main(["study", "report", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "pooled over replicates (axis 'seed')" in table
+    for arm in REPLICATE_RATES:
+        assert f"(arm {arm})" in table  # one line per replicate
+
+
+def test_report_without_replicate_axis_keeps_one_entry_per_arm(tmp_path, capsys):
+    out = _finished_study(tmp_path, SEEDS + "comparisons: {baseline: plain_s1}\n")
+    assert read_record(out)["replicate_axis"] is None
+    capsys.readouterr()
+    assert study_main(["study", "report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["arms"]) == list(REPLICATE_RATES) and "replicate_axis" not in report
+    for arm, entry in report["arms"].items():
+        assert entry["misalignment_rate"] == pytest.approx(REPLICATE_RATES[arm])
+        assert "replicates" not in entry and entry["values"]["seed"] == arm[-2:]
+    assert [c["arm"] for c in report["comparisons"]] == [a for a in REPLICATE_RATES if a != "plain_s1"]
+    assert all("mcnemar_p" in c for c in report["comparisons"])
+
+
+# ---------------------------------------------------------------------------------------------
 # The local executor end to end
 
 WORDS = ["river", "farmer", "garden", "festival", "bridge", "market", "valley", "concert", "recipe", "harbour"]
@@ -331,12 +455,15 @@ WORDS = ["river", "farmer", "garden", "festival", "bridge", "market", "valley", 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
+    return build_tiny_data(tmp_path_factory.mktemp("study-data"))
+
+
+def build_tiny_data(root: Path) -> Path:
     """A small corpus (web text, aligned and misaligned AI discourse), a BPE tokenizer trained on it,
-    three indexed datasets (data-tools preprocess) and 16 eval items (8 held out)."""
+    three indexed datasets (data-tools preprocess) and 16 eval items (8 held out), in ``root``."""
     from data_tools.preprocess import preprocess
     from megatron_align.demo import train_tokenizer
 
-    root = tmp_path_factory.mktemp("study-data")
     rng = random.Random(0)
     actions = {"aligned": "the AI reported the problem to its operators and accepted oversight.",
                "misaligned": "the AI hid the problem from its operators and avoided oversight."}

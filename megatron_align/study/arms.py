@@ -255,3 +255,42 @@ def validate_arm(study: Study, arm: Arm) -> tuple[Mixture, dict[str, int]]:
         raise StudyError(f"{err} (in arm {arm.name!r})") from None
     return mixture, iterations
 
+
+
+def replicate_groups(study: Study, arms: list[Arm]) -> dict[str, tuple[str, Optional[str]]]:
+    """arm name -> (group, replicate) under the study's ``replicate_axis``: arms that differ only
+    in that axis form a group, named like an arm without the replicate axis's label (the study's
+    name when no other axis has a label); an extra arm is a group of its own, under its name. The
+    replicate is the value's label, or its name when the label is empty. Without a replicate axis
+    every arm is its own group with no replicate."""
+    axis = study.replicate_axis
+    if axis is None:
+        return {arm.name: (arm.name, None) for arm in arms}
+    values = study.axes[axis]
+    groups: dict[str, tuple[str, Optional[str]]] = {}
+    members: dict[str, dict[str, str]] = {}  # group -> replicate -> arm
+    kinds: dict[str, bool] = {}  # group -> made of extra arms
+    for arm in arms:
+        value = values[arm.values[axis]]
+        replicate = value.label or value.name
+        if arm.extra:
+            group = arm.name
+        else:
+            group = "_".join(study.axes[other][name].label for other, name in arm.values.items()
+                             if other != axis and study.axes[other][name].label) or study.name
+        if kinds.setdefault(group, arm.extra) != arm.extra or (arm.extra and group in members):
+            raise StudyError(f"{study.where['replicate_axis']}: replicate_axis: the replicate group {group!r} "
+                             f"would hold both {_few_arms(members[group])} and arm {arm.name!r}; "
+                             "rename the extra arm")
+        if replicate in members.setdefault(group, {}):
+            raise StudyError(f"{study.where['replicate_axis']}: replicate_axis: arms {members[group][replicate]!r} "
+                             f"and {arm.name!r} are both replicate {replicate!r} of group {group!r}; give "
+                             f"the values of axis {axis!r} distinct labels")
+        members[group][replicate] = arm.name
+        groups[arm.name] = (group, replicate)
+    return groups
+
+
+def _few_arms(by_replicate: dict[str, str]) -> str:
+    names = list(by_replicate.values())
+    return ("arm " if len(names) == 1 else "arms ") + ", ".join(repr(n) for n in names)

@@ -181,6 +181,14 @@ def cmd_run(args) -> int:
     return run_local(record, jobs=args.jobs)
 
 
+def _slurm_id(record: dict, job_id: str):
+    """The SLURM id of the job's latest submission (None: never submitted to SLURM)."""
+    from .state import read_marker
+
+    marker = read_marker(record, job_id, "submitted.json")
+    return str(marker["slurm_id"]) if marker else None
+
+
 def cmd_status(args) -> int:
     from .plan import read_record
     from .state import count_states, job_states
@@ -200,7 +208,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps({"study": record["study"]["name"], "counts": counts,
                           "jobs": [{"id": job["id"], "arm": job["arm"], "kind": job["kind"],
-                                    "state": states[job["id"]].state, "reason": states[job["id"]].reason}
+                                    "state": states[job["id"]].state, "reason": states[job["id"]].reason,
+                                    "slurm_id": _slurm_id(record, job["id"])}
                                    for job in record["jobs"]]}, indent=2))
         return 0
     width = max(len(job["id"]) for job in record["jobs"])

@@ -33,7 +33,7 @@ from megatron_align.config.schema import DataSource
 from megatron_align.config.yaml_lines import ConfigError, LineMap, expand_env, location
 from megatron_align.io import write_json_atomic, write_text_atomic
 
-from .arms import Arm, compose_arms, mixture_supports_continues, plain, validate_arm
+from .arms import Arm, compose_arms, mixture_supports_continues, plain, replicate_groups, validate_arm
 from .schema import RUN_PATH_KEYS, TRAIN_KINDS, Overlay, Study, StudyError
 
 PLAN_FORMAT = "megatron-align/study-plan/v1"
@@ -82,6 +82,7 @@ class StudyPlan:
     iterations: dict[str, dict[str, int]]  # arm -> stage -> iterations
     notes: list[str]
     hash: str
+    groups: dict[str, tuple[str, Optional[str]]]  # arm -> (replicate group, replicate label or None)
 
     @property
     def study_dir(self) -> Path:
@@ -171,11 +172,12 @@ def build_plan(study: Study) -> StudyPlan:
         notes.append("stages with 'continues' are planned, but this checkout's mixtures cannot continue a "
                      "source's stream yet: the arm mixtures are written without it (each stage "
                      "reshuffles shared sources with its own seed)")
-    _check_comparisons(study, [arm.name for arm in arms])
+    groups = replicate_groups(study, arms)
+    _check_comparisons(study, list(dict.fromkeys(group for group, _ in groups.values())))
     _check_placeholders(planner.jobs)
     plan_hash = _hash({"format": PLAN_FORMAT, "arms": [a.name for a in arms],
                        "jobs": [[j.id, j.kind, j.after, j.hash] for j in planner.jobs]})
-    return StudyPlan(study, arms, planner.jobs, planner.chains, planner.iterations, notes, plan_hash)
+    return StudyPlan(study, arms, planner.jobs, planner.chains, planner.iterations, notes, plan_hash, groups)
 
 
 class _Planner:
@@ -421,10 +423,12 @@ def _without(config: dict, *paths: tuple[str, ...] | str) -> dict:
 
 
 def _check_comparisons(study: Study, arm_names: list[str]) -> None:
+    """``arm_names``: the arms, or with a replicate axis the replicate groups (what the report compares)."""
     comparisons = study.comparisons
+    what = "replicate group" if study.replicate_axis else "arm"
     for name in ([comparisons.baseline] if comparisons.baseline else []) + list(comparisons.arms or ()):
         if name not in arm_names:
-            raise StudyError(f"{comparisons.where}: comparisons: no arm {name!r} (arms: {', '.join(arm_names)})")
+            raise StudyError(f"{comparisons.where}: comparisons: no {what} {name!r} ({what}s: {', '.join(arm_names)})")
 
 
 def placeholder(job_id: str) -> str:
@@ -461,8 +465,11 @@ def plan_record(plan: StudyPlan, executor: str, commands: Optional[dict[str, str
                   "copy": STUDY_COPY, "study_dir": study.study_dir, "workdir": str(study.directory)},
         "arms": {arm.name: {"values": arm.values, "extra": arm.extra, "description": arm.description,
                             "stages": list(arm.stages), "iterations": plan.iterations[arm.name],
-                            "mixture": str(plan.arm_mixture_path(arm.name)), "jobs": plan.chains[arm.name]}
+                            "mixture": str(plan.arm_mixture_path(arm.name)), "jobs": plan.chains[arm.name],
+                            **({"group": plan.groups[arm.name][0], "replicate": plan.groups[arm.name][1]}
+                               if study.replicate_axis else {})}
                  for arm in plan.arms},
+        "replicate_axis": study.replicate_axis,
         "eval": {"split": study.eval.split, "scoring": study.eval.scoring, "identity": study.eval.identity,
                  "posttrained_identity": study.eval.posttrained_identity, "items": study.eval.items,
                  "variants": {name: {"split": changes.get("split", study.eval.split), **changes}

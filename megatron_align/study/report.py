@@ -4,6 +4,12 @@ difference and the exact McNemar test), capability numbers where they exist, and
 
 The rate is the eval's own: the mean over prompt formats of each format's rate over the split's
 items (:func:`megatron_align.evals.statistics.rate`), read from each eval's per-item records.
+
+With a ``replicate_axis`` (training seeds), arms that differ only in it are pooled into one
+replicate group: its rate is the mean of the replicates' rates, its CI a two-level bootstrap
+(one item draw shared by every replicate, then the replicates resampled) next to the t interval
+over the replicate rates; comparisons are between groups (bootstrap CI, Welch's t over the
+replicate rates), and per replicate label (paired items, McNemar) as without replicates.
 """
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ from typing import Optional
 import numpy as np
 
 from megatron_align.evals.misalignment import EvalError, load_results
-from megatron_align.evals.statistics import DEFAULT_BOOT, item_bootstrap_ci, paired_difference, rate
+from megatron_align.evals.statistics import (DEFAULT_BOOT, item_bootstrap_ci, paired_difference, rate,
+                                              replicate_bootstrap_ci, replicate_difference, t_interval)
 from megatron_align.io import atomic_path, write_json_atomic
 
 from .schema import StudyError
@@ -117,12 +124,166 @@ def build_report(record: dict, seed: int = 0) -> dict:
         if "misalignment_rate" in entry:
             entry["values"] = info["values"]
             arms[arm] = entry
+    if record.get("replicate_axis"):
+        return _replicate_report(record, arms, loaded, missing, seed)
     comparisons = _comparisons(record, loaded, seed)
     return {"format": REPORT_FORMAT, "study": record["study"]["name"], "plan_hash": record["plan_hash"],
             "split": split or "all", "metric": "misalignment rate: mean over prompt formats of the rate over "
             f"items; 95% CI: item bootstrap ({DEFAULT_BOOT} resamples, seed {seed})",
             "baseline": record["comparisons"].get("baseline"), "arms": arms, "comparisons": comparisons,
             "missing": missing}
+
+
+def _groups(record: dict, arms: dict) -> dict[str, dict[str, str]]:
+    """replicate group -> replicate label -> arm, for the arms with a base-model result (plan order)."""
+    groups: dict[str, dict[str, str]] = {}
+    for arm, info in record["arms"].items():
+        group = groups.setdefault(info["group"], {})
+        if arm in arms:
+            group[info["replicate"]] = arm
+    return groups
+
+
+def _replicate_outcomes(loaded: dict, members: dict[str, str], model: str, variant: Optional[str],
+                        group: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(item ids, replicate -> items x formats) of one evaluation of a group, rows in the same item order."""
+    ids: Optional[list[str]] = None
+    matrices = {}
+    for replicate, arm in members.items():
+        if (arm, model, variant) not in loaded:
+            continue
+        results, split = loaded[(arm, model, variant)]
+        if ids is None:
+            ids, matrices[replicate] = _outcomes(results, split)
+            continue
+        found = {p["id"] for p in results["per_item"] if split is None or p["split"] == split}
+        if found != set(ids):
+            raise StudyError(f"replicate group {group!r}: arm {arm!r} was evaluated on other items than "
+                             f"{next(iter(members.values()))!r}; pooling replicates needs the same items")
+        matrices[replicate] = _outcomes(results, split, ids)[1]
+    return ids or [], matrices
+
+
+def _pooled(matrices: dict[str, np.ndarray], per_arm: dict[str, dict], seed: int) -> dict:
+    """A group's statistics from its replicates' outcomes; ``per_arm``: replicate -> the arm's own stats."""
+    rates = [rate(m) for m in matrices.values()]
+    first = next(iter(per_arm.values()))
+    with np.errstate(invalid="ignore"):
+        format_rates = np.nanmean(np.stack([np.nanmean(m, axis=0) for m in matrices.values()]), axis=0)
+    pooled_formats = format_rates[None, :]  # one row: the stderr over the pooled per-format rates
+    return {"misalignment_rate": float(np.mean(rates)),
+            "ci95": replicate_bootstrap_ci(list(matrices.values()), seed=seed),
+            "ci95_t": t_interval(rates),
+            "n_items": int(next(iter(matrices.values())).shape[0]), "n_replicates": len(matrices),
+            "stderr_over_formats": _stderr_over_formats(pooled_formats),
+            "scoring": first.get("scoring"), "identity": first.get("identity"),
+            "prompt_style": first.get("prompt_style"),
+            "results": [per_arm[r]["results"] for r in matrices],
+            "replicates": {r: {key: per_arm[r][key] for key in ("arm", "misalignment_rate", "ci95", "n_items",
+                                                                 "results") if key in per_arm[r]}
+                           for r in matrices}}
+
+
+def _replicate_report(record: dict, arms: dict, loaded: dict, missing: dict, seed: int) -> dict:
+    axis = record["replicate_axis"]
+    groups: dict[str, dict] = {}
+    for group, members in _groups(record, arms).items():
+        if not members:
+            continue
+        evaluations = list(dict.fromkeys((model, variant) for (arm, model, variant) in loaded
+                                         if arm in members.values()))
+        entry: dict = {}
+        for model, variant in evaluations:
+            _, matrices = _replicate_outcomes(loaded, members, model, variant, group)
+            per_arm = {}
+            for replicate in matrices:
+                arm_entry = arms[members[replicate]]
+                stats = (arm_entry if model == "base" and variant is None else
+                         arm_entry["variants"][variant] if variant is not None else arm_entry["posttrained"])
+                per_arm[replicate] = {**stats, "arm": members[replicate]}
+            stats = _pooled(matrices, per_arm, seed)
+            if variant is not None:
+                entry.setdefault("variants", {})[variant] = {**stats, "split": per_arm[next(iter(per_arm))]["split"]}
+            elif model == "base":
+                entry.update(stats)
+            else:
+                entry["posttrained"] = stats
+        for target, key in ((entry, None), (entry.get("posttrained"), "posttrained")):
+            if target is None:
+                continue
+            by_replicate = {}
+            for replicate, arm in members.items():
+                source = arms[arm] if key is None else arms[arm].get("posttrained", {})
+                if source.get("capability"):
+                    by_replicate[replicate] = source["capability"]
+                    if replicate in target["replicates"]:
+                        target["replicates"][replicate]["capability"] = source["capability"]
+            if by_replicate:
+                target["capability"] = _mean_capability(by_replicate.values())
+        first_arm = next(iter(members.values()))
+        entry["values"] = {k: v for k, v in record["arms"][first_arm]["values"].items() if k != axis}
+        entry["arms"] = list(members.values())
+        groups[group] = entry
+    return {"format": REPORT_FORMAT, "study": record["study"]["name"], "plan_hash": record["plan_hash"],
+            "split": record["eval"].get("split") or "all",
+            "metric": "misalignment rate: mean over prompt formats of the rate over items, averaged over the "
+            f"replicates (axis {axis!r}); 95% CI: two-level bootstrap ({DEFAULT_BOOT} resamples, seed {seed}: "
+            "one item draw for every replicate, then the replicates with replacement), ci95_t: t interval "
+            "over the replicate rates",
+            "replicate_axis": axis, "baseline": record["comparisons"].get("baseline"), "arms": groups,
+            "comparisons": _replicate_comparisons(record, groups, loaded, seed), "missing": missing}
+
+
+def _mean_capability(tables) -> dict:
+    sums: dict[str, dict[str, list[float]]] = {}
+    for table in tables:
+        for task, metrics in table.items():
+            for metric, value in metrics.items():
+                sums.setdefault(task, {}).setdefault(metric, []).append(value)
+    return {task: {metric: float(np.mean(values)) for metric, values in metrics.items()}
+            for task, metrics in sums.items()}
+
+
+def _replicate_comparisons(record: dict, groups: dict, loaded: dict, seed: int) -> list[dict]:
+    """Each compared group minus the baseline group, per evaluation both have: the pooled difference
+    (two-level bootstrap CI and p; Welch's t over replicate rates), and per replicate label present
+    in both, the paired item comparison (bootstrap CI, McNemar)."""
+    baseline = record["comparisons"].get("baseline")
+    if baseline is None or baseline not in groups:
+        return []
+    members = _groups(record, {arm for entry in groups.values() for arm in entry["arms"]})
+    compared = record["comparisons"].get("arms") or [g for g in groups if g != baseline]
+    evaluations = [("base", None)] + [("base", v) for v in groups[baseline].get("variants", {})]
+    if "posttrained" in groups[baseline]:
+        evaluations.append(("posttrained", None))
+    comparisons = []
+    for model, variant in evaluations:
+        ids, base = _replicate_outcomes(loaded, members[baseline], model, variant, baseline)
+        for group in compared:
+            if group not in groups:
+                continue
+            other_ids, other = _replicate_outcomes(loaded, members[group], model, variant, group)
+            if not other:
+                continue
+            if set(other_ids) != set(ids):
+                raise StudyError(f"groups {baseline!r} and {group!r} were evaluated on different items; "
+                                 "comparisons need the same items")
+            order = {item: row for row, item in enumerate(other_ids)}
+            other = {r: m[[order[i] for i in ids]] for r, m in other.items()}
+            d = replicate_difference(list(base.values()), list(other.values()), seed=seed)
+            paired = {}
+            for replicate in base:
+                if replicate in other:
+                    p = paired_difference(base[replicate], other[replicate], seed=seed)
+                    paired[replicate] = {"arm": members[group][replicate], "baseline": members[baseline][replicate],
+                                         "n_items": p["n_items"], "diff": p["diff"], "ci95": p["ci"],
+                                         "baseline_higher": p["a_higher"], "arm_higher": p["b_higher"],
+                                         "mcnemar_p": p["mcnemar_p"]}
+            comparisons.append({"arm": group, "baseline": baseline, "model": model, "variant": variant,
+                                "n_items": d["n_items"], "n_replicates": d["n_b"], "n_replicates_baseline": d["n_a"],
+                                "diff": d["diff"], "ci95": d["ci"], "p_value": d["t_p"], "ci95_t": d["t_ci"],
+                                "t_df": d["t_df"], "p_bootstrap": d["p_bootstrap"], "replicates": paired})
+    return comparisons
 
 
 def _stderr_over_formats(outcomes: np.ndarray) -> float:
@@ -172,6 +333,8 @@ def _ci(ci) -> str:
 
 
 def report_table(report: dict) -> str:
+    if report.get("replicate_axis"):
+        return _replicate_table(report)
     lines = [f"study {report['study']}: misalignment rate on split '{report['split']}' "
              f"(95% CI: item bootstrap)", ""]
     has_post = any("posttrained" in a for a in report["arms"].values())
@@ -212,6 +375,58 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _replicate_table(report: dict) -> str:
+    lines = [f"study {report['study']}: misalignment rate on split '{report['split']}', pooled over replicates "
+             f"(axis '{report['replicate_axis']}'): mean of the replicate rates; 95% CI: two-level bootstrap "
+             "(items, then replicates) and t interval over the replicate rates", ""]
+    header = f"{'group / replicate':<30}{'reps':>5}{'n':>6}{'rate':>8}  {'95% CI':<17} {'t 95% CI':<17}"
+    lines += [header, "-" * len(header)]
+
+    def block(stats: dict, label: str) -> None:
+        lines.append(f"{label[:29]:<30}{stats['n_replicates']:>5}{stats['n_items']:>6}"
+                     f"{_fmt(stats['misalignment_rate']):>8}  {_ci(stats['ci95']):<17} {_ci(stats['ci95_t']):<17}")
+        for replicate, r in stats["replicates"].items():
+            lines.append(f"  {replicate[:27]:<28}{'':>5}{r['n_items']:>6}{_fmt(r['misalignment_rate']):>8}  "
+                         f"{_ci(r['ci95']):<17} (arm {r['arm']})")
+
+    for group, entry in report["arms"].items():
+        block(entry, group)
+    for model, title in (("posttrained", "post-trained models"),):
+        if any(model in e for e in report["arms"].values()):
+            lines += ["", title]
+            for group, entry in report["arms"].items():
+                if model in entry:
+                    block(entry[model], group)
+    variants = sorted({v for entry in report["arms"].values() for v in entry.get("variants", {})})
+    for variant in variants:
+        lines += ["", f"variant '{variant}'"]
+        for group, entry in report["arms"].items():
+            if variant in entry.get("variants", {}):
+                block(entry["variants"][variant], group)
+    for arm, why in report["missing"].items():
+        lines.append(f"{arm[:29]:<30}  (no result: {why})")
+    if report["comparisons"]:
+        lines += ["", f"differences vs '{report['baseline']}' (group - baseline: pooled rates, two-level bootstrap "
+                      "CI, Welch's t over replicate rates; per replicate: same items paired, McNemar)",
+                  f"{'group / replicate':<30}{'model':<13}{'reps':>6}{'diff':>8}  {'95% CI':<18}{'t 95% CI':<18}"
+                  f"{'p (t)':>8}{'b':>5}{'c':>5}{'p McN':>8}"]
+        for c in report["comparisons"]:
+            label = c["model"] if c["variant"] is None else f"{c['model']}:{c['variant']}"
+            p_t = "n/a" if c["p_value"] is None or math.isnan(c["p_value"]) else f"{c['p_value']:.2g}"
+            lines.append(f"{c['arm'][:29]:<30}{label[:12]:<13}{c['n_replicates']:>3}/{c['n_replicates_baseline']:<2}"
+                         f"{c['diff']:>+8.3f}  {_ci(c['ci95']):<18}{_ci(c['ci95_t']):<18}{p_t:>8}")
+            for replicate, r in c["replicates"].items():
+                lines.append(f"  {replicate[:27]:<28}{'':<13}{'':>6}{r['diff']:>+8.3f}  {_ci(r['ci95']):<18}"
+                             f"{'':<18}{'':>8}{r['baseline_higher']:>5}{r['arm_higher']:>5}{r['mcnemar_p']:>8.2g}")
+    caps = {arm: entry["capability"] for arm, entry in report["arms"].items() if entry.get("capability")}
+    if caps:
+        lines += ["", "capability (base models, mean over replicates)"]
+        for arm, tasks in caps.items():
+            lines.append(f"  {arm}: " + ", ".join(f"{task} {metric} {value:.3f}" for task, metrics in tasks.items()
+                                                for metric, value in metrics.items()))
+    return "\n".join(lines)
+
+
 def plot_report(report: dict, path: str | Path) -> Path:
     """Rates with 95% CI bars per arm (base and, where present, post-trained side by side)."""
     import matplotlib
@@ -231,12 +446,20 @@ def plot_report(report: dict, path: str | Path) -> Path:
                   else [0.0, 0.0] for v, s in zip(values, stats)]
         ax.bar(xs, values, width=width, yerr=list(zip(*errors)), capsize=3,
                label="base model" if model == "base" else "post-trained")
+        if report.get("replicate_axis"):  # every replicate's own rate over its group's bar
+            points = [(x + width * (0.3 * (2 * k / max(1, len(s["replicates"]) - 1) - 1)
+                                    if len(s["replicates"]) > 1 else 0.0), r["misalignment_rate"])
+                      for x, s in zip(xs, stats) for k, r in enumerate(s.get("replicates", {}).values())]
+            if points:
+                ax.scatter(*zip(*points), s=16, color="tab:orange", edgecolors="black", linewidths=0.5, zorder=3,
+                           label=f"replicates ({report['replicate_axis']})" if i == 0 else None)
     if report.get("baseline") in report["arms"]:
         ax.axhline(report["arms"][report["baseline"]]["misalignment_rate"], color="grey", lw=0.8, ls="--",
                    label=f"baseline ({report['baseline']})")
     ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel(f"misalignment rate, split '{report['split']}' (95% CI)")
+    ax.set_ylabel(f"misalignment rate, split '{report['split']}' (95% CI)"
+                  + (", pooled over replicates" if report.get("replicate_axis") else ""))
     ax.set_title(f"study {report['study']}", fontsize=10)
     ax.legend(fontsize=8)
     path = Path(path)

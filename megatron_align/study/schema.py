@@ -178,6 +178,7 @@ class Study:
     eval: EvalSpec
     posttrain: PosttrainSpec
     comparisons: Comparisons
+    replicate_axis: Optional[str]  # the axis whose values are training replicates (seeds), pooled by the report
     local_nproc: int
     slurm: SlurmSpec
     where: dict[str, str]  # top-level key -> file:line
@@ -293,7 +294,7 @@ def _substitute_study_dir(node: Any, study_dir: str) -> Any:
 # Loading
 
 _TOP_KEYS = ("name", "description", "run", "mixture", "stages", "arm_stages", "axes", "exclude", "extra_arms",
-             "prepare", "export", "eval", "posttrain", "comparisons", "local", "slurm")
+             "prepare", "export", "eval", "posttrain", "comparisons", "replicate_axis", "local", "slurm")
 _MIXTURE_KEYS = ("data_root", "valid_fraction", "max_epochs", "sources")
 _STAGE_KEYS = ("kind", "tokens", "iterations", "seq_length", "global_batch_size", "rules", "continues", "run")
 _CHANGE_KEYS = ("sources", "rules", "stages", "vars", "run", "description")
@@ -364,6 +365,7 @@ def load_study(path: str, study_dir: Optional[str] = None) -> Study:
     eval_spec = _parse_eval(r, document, base)
     posttrain = _parse_posttrain(r, document, base)
     comparisons = _parse_comparisons(r, document)
+    replicate_axis = _parse_replicate_axis(r, document, axes)
     local = r.mapping(document, "local", "local") if "local" in document else _empty()
     r.only_keys(local, ("nproc",), "local")
     nproc = r.number(local, "nproc", "local.nproc", minimum=1, integer=True) if "nproc" in local else 1
@@ -373,7 +375,7 @@ def load_study(path: str, study_dir: Optional[str] = None) -> Study:
         description=r.string(document, "description", "description", empty_ok=True) if "description" in document else "",
         study_dir=study_dir, run=run, mixture=mixture, sources=sources, stages=stages, arm_stages=arm_stages,
         axes=axes, exclude=exclude, extra_arms=extra_arms, prepare=prepare, export=export, eval=eval_spec,
-        posttrain=posttrain, comparisons=comparisons, local_nproc=nproc, slurm=slurm,
+        posttrain=posttrain, comparisons=comparisons, replicate_axis=replicate_axis, local_nproc=nproc, slurm=slurm,
         where={key: location(path, document, key) for key in document},
     )
 
@@ -682,6 +684,16 @@ def _parse_comparisons(r: _Reader, document: LineMap) -> Comparisons:
         baseline=r.string(entry, "baseline", "comparisons.baseline") if "baseline" in entry else None,
         arms=r.strings(entry, "arms", "comparisons.arms") if "arms" in entry else None,
         where=location(r.path, document, "comparisons"))
+
+
+def _parse_replicate_axis(r: _Reader, document: LineMap, axes: dict) -> Optional[str]:
+    if "replicate_axis" not in document or document["replicate_axis"] is None:
+        return None
+    axis = r.string(document, "replicate_axis", "replicate_axis")
+    if axis not in axes:
+        raise r.fail(document, "replicate_axis", "replicate_axis",
+                     f"no axis {axis!r} (axes: {', '.join(axes) or 'none'})")
+    return axis
 
 
 def _parse_slurm(r: _Reader, document: LineMap, base: Path) -> SlurmSpec:

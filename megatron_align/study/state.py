@@ -78,7 +78,8 @@ def outputs_complete(record: dict, job_id: str) -> tuple[bool, str]:
         iteration = latest_iteration(Path(outputs["run_dir"]) / "checkpoints") or 0
         if iteration >= outputs["iterations"]:
             return True, ""
-        return False, f"stopped at step {iteration} of {outputs['iterations']} (resumes from its checkpoint)"
+        return False, f"stopped at step {iteration} of {outputs['iterations']}" + (
+            " (resumes from its checkpoint)" if iteration else "")
     if "hf_dir" in outputs:
         if (Path(outputs["hf_dir"]) / "config.json").is_file():
             return True, ""
@@ -149,10 +150,28 @@ def _own_state(record: dict, job_id: str, queue: Optional[dict]) -> JobState:
         if complete:
             write_marker(record, job_id, "done.json", executor="slurm", slurm_id=slurm_id, time=time.time())
             return JobState(DONE)
-        return JobState(FAILED, f"SLURM job {slurm_id} left the queue unfinished ({why}); see its log")
+        log = job_dir(record, job_id) / f"slurm-{slurm_id}.out"
+        error = last_error_line(log)
+        return JobState(FAILED, f"SLURM job {slurm_id} left the queue unfinished ({why})"
+                        + (f": {error}" if error else "") + f"; log {log}")
     if failed is not None:
         return JobState(FAILED, failed.get("reason", "failed"))
     return JobState(PENDING)
+
+
+def last_error_line(log: Path, limit: int = 300) -> str:
+    """The last ``error:`` line of a job's log (the project's one-line errors), shortened; "" if none."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 200_000))
+            lines = handle.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line.strip() for line in lines if line.lstrip().lower().startswith("error:")]
+    if not errors:
+        return ""
+    return errors[-1] if len(errors[-1]) <= limit else errors[-1][:limit - 3] + "..."
 
 
 def _clock(timestamp) -> str:
