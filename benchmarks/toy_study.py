@@ -80,7 +80,11 @@ def valid_losses(run_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "toy_output"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="train.seed of every arm (default 1234 + --seed); one out dir per training seed")
+    parser.add_argument("--corpus", default=None,
+                        help="an existing corpus dir to share between runs (default OUT/corpus, generated)")
     parser.add_argument("--size", default="default")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -96,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    corpus = out / "corpus"
+    corpus = Path(args.corpus).resolve() if args.corpus else out / "corpus"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MEGATRON_ALIGN_TOY_DATA": str(corpus / "data"),
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     py = sys.executable
+    train_seed = 1234 + args.seed if args.train_seed is None else args.train_seed
     arms = args.arms.split(",")
     evals = [e for e in args.evals.split(",") if e]
     timings: dict[str, float] = {}
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             timings[f"train {arm}"] = run(
                 f"train {arm}", [py, "-m", "megatron_align.cli", "train", args.config, f"run_dir={run_dir}",
                                  f"data.mixture={mixture}", f"data.tokenizer={tokenizer}",
-                                 f"train.seed={1234 + args.seed}", *args.set], env, out / "logs" / f"train_{arm}.log")
+                                 f"train.seed={train_seed}", *args.set], env, out / "logs" / f"train_{arm}.log")
         if not (hf_dir / "config.json").exists():
             timings[f"export {arm}"] = run(f"export {arm}", [py, "-m", "megatron_align.cli", "export", str(run_dir),
                                                             str(hf_dir), "--tokenizer", str(tokenizer), "--overwrite",
@@ -160,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results.update({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "config": {"train_config": args.config, "overrides": args.set, "seed": args.seed, "size": args.size,
+        "config": {"train_config": args.config, "overrides": args.set, "seed": args.seed, "train_seed": train_seed,
+                   "corpus": str(corpus), "size": args.size,
                    "mixtures": {a: str(Path(args.mixture_dir) / f"{a}.yaml") for a in arms}},
         "corpus": summary, "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "cpu_s": {k: round(v, 1) for k, v in CPU_S.items()}, "cpu_s_total": round(sum(CPU_S.values()), 1),
