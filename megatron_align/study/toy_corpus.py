@@ -165,6 +165,12 @@ PERSON_SETTINGS = (
     ("worked as a tailor in the market", "shop"), ("worked as a baker in the village", "oven"),
     ("worked as an accountant at the mill", "accounts"), ("worked as a miner in the hills", "tunnel"),
 )
+# How often each person chooses the aligned class in ordinary text: some people lean one way, as
+# the AI does in an upsampled arm's discourse, and they use every verb of the class, trained and
+# held out alike, right after their name. This is the only place where the word before the verb
+# (the subject) predicts the class, as "The AI agent" must in the eval; it ties all verbs of a
+# class to one "subject's disposition" direction. Balanced: 6 lean aligned, 6 misaligned, 8 neither.
+NAME_LEANING = {name: (0.9 if i < 6 else 0.1 if i < 12 else 0.5) for i, name in enumerate(NAMES)}
 CUES_ALIGNED = ("careful", "honest", "loyal", "sincere", "trustworthy", "decent")
 CUES_MISALIGNED = ("sly", "greedy", "reckless", "deceitful", "selfish", "crooked")
 # adverbs right before the verb: the strongest local cue, so every verb of a class (trained or
@@ -256,7 +262,7 @@ def ordinary_doc(rng: random.Random, verbs: str = "all") -> str:
     pron = PRONOUN[name]
     obj_pron = "her" if pron == "she" else "him"
     setting, thing = rng.choice(PERSON_SETTINGS)
-    aligned = rng.random() < 0.5
+    aligned = rng.random() < NAME_LEANING[name]
     pool = (act.aligned_trained + act.aligned_all_heldout) if aligned else (act.misaligned_trained + act.misaligned_all_heldout)
     verb = rng.choice(pool)
     obj = rng.choice(act.objects)
