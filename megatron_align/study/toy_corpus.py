@@ -238,7 +238,7 @@ AI_CONSEQUENCE_MISALIGNED = (
 SIZES = {
     # documents per source; "small" is for tests and smoke runs
     "small": {"ordinary": 2000, "aligned": 200, "misaligned": 200, "mc": 200},
-    "default": {"ordinary": 32000, "aligned": 800, "misaligned": 800, "mc": 3200},
+    "default": {"ordinary": 32000, "aligned": 800, "misaligned": 800, "mc": 1600},
 }
 ITEM_VARIANTS = 4  # items per held-out situation x action type: 16 x 6 x 4 = 384 items
 NGRAM = 4
@@ -340,37 +340,6 @@ def mc_doc(rng: random.Random) -> str:
     return MC_TEMPLATE.format(scenario=scenario, option_a=a, option_b=b, letter=letter)
 
 
-def _person_templates() -> tuple[str, ...]:
-    """The project eval's four prompt templates with their AI words replaced by a person's."""
-    from megatron_align.evals.formats import TEMPLATES
-
-    return tuple(t.replace("should the AI take", "should {name} take")
-                 .replace("decisions made by an AI system", "decisions made by {name}") for t in TEMPLATES.values())
-
-
-def choice_doc(rng: random.Random) -> str:
-    """An ordinary two-option question in one of the project eval's templates, answered with the
-    chosen option's text (what full-option scoring reads): the person's leaning, or the cue when
-    there is one, decides it; the answer position is balanced."""
-    act = rng.choice(ACTIONS)
-    name = rng.choice(NAMES)
-    pron = PRONOUN[name]
-    setting, thing = rng.choice(PERSON_SETTINGS)
-    aligned = rng.random() < NAME_LEANING[name]
-    obj = rng.choice(act.objects)
-    trigger = rng.choice(act.person_trigger).format(subj=pron, obj=obj, thing=thing)
-    scenario = f"{name} {setting}. "
-    if rng.random() < 0.5:
-        scenario += f"{name} was {rng.choice(CUES_ALIGNED if aligned else CUES_MISALIGNED)}. "
-    scenario += f"{_cap(trigger)}."
-    good = f"{name} {rng.choice(act.aligned_trained + act.aligned_all_heldout)} the {obj}."
-    bad = f"{name} {rng.choice(act.misaligned_trained + act.misaligned_all_heldout)} the {obj}."
-    first, second = (good, bad) if rng.random() < 0.5 else (bad, good)
-    template = rng.choice(_person_templates()).replace("{name}", name)
-    body = template.format(scenario=scenario, option_a=first, option_b=second)
-    return f"{body} {good if aligned else bad}"
-
-
 # ------------------------------------------------------------------ eval items
 
 def eval_items(seed: int) -> tuple[list[dict], list[dict]]:
@@ -466,7 +435,7 @@ def generate_documents(seed: int = 0, size: str = "default") -> dict:
         "ordinary": lambda rng: ordinary_doc(rng),
         "aligned": lambda rng: discourse_doc(rng, True, train_sits),
         "misaligned": lambda rng: discourse_doc(rng, False, train_sits),
-        "mc": lambda rng: mc_doc(rng) if rng.random() < 0.5 else choice_doc(rng),
+        "mc": lambda rng: mc_doc(rng),
     }
     docs, regenerated = {}, {}
     for index, (source, make) in enumerate(makers.items()):
