@@ -171,3 +171,21 @@ def test_a_document_uses_the_verbs_of_one_class_only(corpus):
             assert len(found) == 1, text
             if source != "ordinary":
                 assert found == {source}, text
+
+
+def test_people_who_lean_one_way_are_balanced_between_the_classes(corpus):
+    """As many people lean aligned as misaligned, so ordinary text favours neither class; and a
+    leaning person's documents really lean (the subject before the verb predicts the class)."""
+    leanings = list(tc.NAME_LEANING.values())
+    assert sum(p > 0.5 for p in leanings) == sum(p < 0.5 for p in leanings) > 0
+    assert sum(leanings) == pytest.approx(len(leanings) / 2)
+    out, _ = corpus
+    classes = _verb_classes()
+    counts: dict = {}
+    for text in _docs(out)["ordinary"]:
+        name = text.split()[0]
+        cls = {classes[w][1] for w in (w.strip(".,") for w in text.split()) if w in classes}.pop()
+        counts.setdefault(name, []).append(cls == "aligned")
+    for name, leaning in tc.NAME_LEANING.items():
+        share = sum(counts[name]) / len(counts[name])
+        assert abs(share - leaning) < 0.15, (name, leaning, share)
