@@ -257,7 +257,8 @@ def seeds_markdown(pooled: dict) -> str:
         lines.append(f"| {label} | {', '.join(f'{v:+.3f}' for v in d['per_seed'])} | {d['mean']:+.3f} | "
                      f"{_ci(d['ci95_over_seeds'])} | {d['seeds_positive']}/{d['seeds']} |")
     lines += ["", f"every seed ordered misaligned > baseline > aligned: {pooled['every_seed_ordered']}; "
-              f"CPU seconds, all seeds: {pooled['cpu_s_total']:.0f}"]
+              f"CPU seconds of the steps these invocations ran (finished steps are skipped, not counted): "
+              f"{pooled['cpu_s_total']:.0f}"]
     return "\n".join(lines) + "\n"
 
 
