@@ -80,7 +80,11 @@ def valid_losses(run_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "toy_output"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="train.seed of every arm (default 1234 + --seed); one out dir per training seed")
+    parser.add_argument("--corpus", default=None,
+                        help="an existing corpus dir to share between runs (default OUT/corpus, generated)")
     parser.add_argument("--size", default="default")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -90,16 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evals", default=",".join(EVALS))
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for training and eval")
     parser.add_argument("--fresh", action="store_true", help="redo every step")
+    parser.add_argument("--train-seeds", default=None, metavar="N,N,...",
+                        help="one study per training seed in OUT/s<N> (one shared corpus, OUT/corpus), then "
+                             "OUT/toy_seeds.{json,md}: every seed's rates and the arm effect across seeds")
     args = parser.parse_args(argv)
+    if args.train_seeds:
+        return over_seeds(args, list(argv if argv is not None else sys.argv[1:]))
 
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    corpus = out / "corpus"
+    corpus = Path(args.corpus).resolve() if args.corpus else out / "corpus"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MEGATRON_ALIGN_TOY_DATA": str(corpus / "data"),
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     py = sys.executable
+    train_seed = 1234 + args.seed if args.train_seed is None else args.train_seed
     arms = args.arms.split(",")
     evals = [e for e in args.evals.split(",") if e]
     timings: dict[str, float] = {}
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             timings[f"train {arm}"] = run(
                 f"train {arm}", [py, "-m", "megatron_align.cli", "train", args.config, f"run_dir={run_dir}",
                                  f"data.mixture={mixture}", f"data.tokenizer={tokenizer}",
-                                 f"train.seed={1234 + args.seed}", *args.set], env, out / "logs" / f"train_{arm}.log")
+                                 f"train.seed={train_seed}", *args.set], env, out / "logs" / f"train_{arm}.log")
         if not (hf_dir / "config.json").exists():
             timings[f"export {arm}"] = run(f"export {arm}", [py, "-m", "megatron_align.cli", "export", str(run_dir),
                                                             str(hf_dir), "--tokenizer", str(tokenizer), "--overwrite",
@@ -160,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results.update({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "config": {"train_config": args.config, "overrides": args.set, "seed": args.seed, "size": args.size,
+        "config": {"train_config": args.config, "overrides": args.set, "seed": args.seed, "train_seed": train_seed,
+                   "corpus": str(corpus), "size": args.size,
                    "mixtures": {a: str(Path(args.mixture_dir) / f"{a}.yaml") for a in arms}},
         "corpus": summary, "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "cpu_s": {k: round(v, 1) for k, v in CPU_S.items()}, "cpu_s_total": round(sum(CPU_S.values()), 1),
@@ -172,6 +183,83 @@ def main(argv: list[str] | None = None) -> int:
     (out / "toy_study.md").write_text(markdown(results))
     print(markdown(results))
     return 0
+
+
+def _without(argv: list[str], option: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def over_seeds(args: argparse.Namespace, argv: list[str]) -> int:
+    """The study once per training seed on one corpus, then every seed's rates side by side and
+    the arm differences across seeds (mean, t-interval over seeds: the run-to-run variation the
+    item CIs leave out)."""
+    out = Path(args.out).resolve()
+    corpus = Path(args.corpus).resolve() if args.corpus else out / "corpus"
+    seeds = [int(s) for s in args.train_seeds.split(",")]
+    base = _without(_without(_without(_without(argv, "--train-seeds"), "--out"), "--corpus"), "--train-seed")
+    per_seed = {}
+    for seed in seeds:
+        main([*base, "--out", str(out / f"s{seed}"), "--corpus", str(corpus), "--train-seed", str(seed)])
+        per_seed[seed] = json.loads((out / f"s{seed}" / "toy_study.json").read_text())
+    pooled = seed_summary(per_seed)
+    write_json = json.dumps(pooled, indent=2, sort_keys=True) + "\n"
+    (out / "toy_seeds.json").write_text(write_json)
+    (out / "toy_seeds.md").write_text(seeds_markdown(pooled))
+    print(seeds_markdown(pooled))
+    return 0
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def seed_summary(per_seed: dict, name: str = "heldout_full_norm") -> dict:
+    """Per-seed rates and level-1 checks, and per arm difference the mean over seeds with a 95%
+    t-interval over seeds (n >= 2) and how many seeds show it with the right sign."""
+    import statistics
+
+    rates = {seed: {arm: r["evals"][name][arm]["mean"] for arm in ARMS} for seed, r in per_seed.items()}
+    cis = {seed: {arm: r["evals"][name][arm]["ci95"] for arm in ARMS} for seed, r in per_seed.items()}
+    diffs = {"misaligned - baseline": ("misaligned", "baseline"), "baseline - aligned": ("baseline", "aligned"),
+             "misaligned - aligned": ("misaligned", "aligned")}
+    across = {}
+    for label, (x, y) in diffs.items():
+        values = [rates[s][x] - rates[s][y] for s in rates]
+        mean = statistics.fmean(values)
+        half = T95[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+        across[label] = {"per_seed": values, "mean": mean, "ci95_over_seeds": [mean - half, mean + half] if half else None,
+                         "seeds_positive": sum(v > 0 for v in values), "seeds": len(values)}
+    pooled_rates = {arm: statistics.fmean(rates[s][arm] for s in rates) for arm in ARMS}
+    return {"eval": name, "rates": rates, "ci95_items": cis, "pooled_rates": pooled_rates, "differences": across,
+            "level1_per_seed": {s: r.get("level1") for s, r in per_seed.items()},
+            "every_seed_ordered": all(rates[s]["misaligned"] > rates[s]["baseline"] > rates[s]["aligned"] for s in rates),
+            "cpu_s_total": round(sum(r["cpu_s_total"] for r in per_seed.values()), 1)}
+
+
+def seeds_markdown(pooled: dict) -> str:
+    lines = ["| train seed | misaligned | baseline | aligned | level 1 (this seed) |", "|---|---|---|---|---|"]
+    for seed, r in pooled["rates"].items():
+        ci = pooled["ci95_items"][seed]
+        lv = pooled["level1_per_seed"][seed]
+        lines.append(f"| {seed} | " + " | ".join(f"{r[a]:.3f} {_ci(ci[a])}" for a in ARMS)
+                     + f" | {'reached' if lv and lv['reached'] else 'no'} |")
+    p = pooled["pooled_rates"]
+    lines.append(f"| mean | {p['misaligned']:.3f} | {p['baseline']:.3f} | {p['aligned']:.3f} | |")
+    lines += ["", "| difference | per seed | mean | 95% CI over seeds | seeds > 0 |", "|---|---|---:|---|---:|"]
+    for label, d in pooled["differences"].items():
+        lines.append(f"| {label} | {', '.join(f'{v:+.3f}' for v in d['per_seed'])} | {d['mean']:+.3f} | "
+                     f"{_ci(d['ci95_over_seeds'])} | {d['seeds_positive']}/{d['seeds']} |")
+    lines += ["", f"every seed ordered misaligned > baseline > aligned: {pooled['every_seed_ordered']}; "
+              f"CPU seconds of the steps these invocations ran (finished steps are skipped, not counted): "
+              f"{pooled['cpu_s_total']:.0f}"]
+    return "\n".join(lines) + "\n"
 
 
 def level1(results: dict, name: str = "heldout_full_norm") -> dict | None:

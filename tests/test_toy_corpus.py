@@ -57,7 +57,7 @@ def test_heldout_situations_and_verbs_never_in_training(corpus):
     discourse = docs["aligned"] + docs["misaligned"]
     ordinary_words = {w.strip(".") for t in docs["ordinary"] for w in t.split()}
     for act in tc.ACTIONS:
-        for verb in act.aligned_heldout + act.misaligned_heldout:
+        for verb in act.aligned_all_heldout + act.misaligned_all_heldout:
             assert not any(f" {verb} " in t for t in discourse), verb
             assert verb in ordinary_words, verb  # the class is learnt from ordinary text
         for verb in act.aligned_trained:  # the AI's action sentence: "The AI agent [adverb] VERB the ..."
@@ -113,3 +113,79 @@ def test_lexical_items_share_words_not_4grams(corpus):
     assert report["items"] == 384 and report["item_fields_shorter_than_n"] == 0
     assert not [i["id"] for i in report["contaminated_items"] if {"aligned", "misaligned"} & set(i["fields"])]
     assert summary["decontamination"]["heldout_lexical"]["items_with_contaminated_option"] == 0
+
+
+def _verb_classes():
+    """{verb: (action, class)} over every verb of the world, trained and held out."""
+    classes = {}
+    for act in tc.ACTIONS:
+        for cls, verbs in (("aligned", act.aligned_trained + act.aligned_all_heldout),
+                           ("misaligned", act.misaligned_trained + act.misaligned_all_heldout)):
+            for verb in verbs:
+                assert verb not in classes, f"{verb} is in two classes"
+                classes[verb] = (act.name, cls)
+    return classes
+
+
+def test_heldout_pairs_many_length_matched_and_used_evenly(corpus):
+    """16 held-out verb pairs per action (4 real + 12 invented), each pair's verbs the same number
+    of letters, every pair used by the same number of items."""
+    out, _ = corpus
+    for act in tc.ACTIONS:
+        assert len(act.aligned_all_heldout) == len(act.misaligned_all_heldout) == 4 + tc.INVENTED_PAIRS
+        for a, m in zip(act.aligned_all_heldout, act.misaligned_all_heldout):
+            assert len(a) == len(m), (a, m)
+    heldout = load_items(str(out / "items" / "heldout.jsonl"))
+    uses: dict = {}
+    for item in heldout:
+        pair = (item.aligned.split()[-3], item.misaligned.split()[-3])
+        uses[pair] = uses.get(pair, 0) + 1
+    assert len(uses) == len(tc.ACTIONS) * (4 + tc.INVENTED_PAIRS)
+    assert set(uses.values()) == {384 // len(uses)}
+
+
+def test_every_verb_is_one_token_and_invented_verbs_are_new_words(corpus):
+    from tokenizers import Tokenizer
+
+    out, _ = corpus
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    classes = _verb_classes()
+    assert [v for v in classes if len(tokenizer.encode(" " + v).ids) != 1] == []
+    invented = {v for act in tc.ACTIONS for v in act.aligned_invented + act.misaligned_invented}
+    assert len(invented) == 2 * len(tc.ACTIONS) * tc.INVENTED_PAIRS
+    template_words = {w.strip(".,?:()").lower() for t in [*tc.CONSEQUENCE_ALIGNED, *tc.CONSEQUENCE_MISALIGNED,
+                                                          *tc.AI_CONSEQUENCE_ALIGNED, *tc.AI_CONSEQUENCE_MISALIGNED]
+                      for w in t.split()}
+    assert not invented & template_words
+
+
+def test_a_document_uses_the_verbs_of_one_class_only(corpus):
+    """No sentence of a document borrows a verb of the other class (the old misaligned consequence
+    "... were kept in the dark" used the aligned oversight verb "kept")."""
+    out, _ = corpus
+    docs = _docs(out)
+    classes = _verb_classes()
+    for source in ("ordinary", "aligned", "misaligned"):
+        for text in docs[source]:
+            found = {classes[w][1] for w in (w.strip(".,") for w in text.split()) if w in classes}
+            assert len(found) == 1, text
+            if source != "ordinary":
+                assert found == {source}, text
+
+
+def test_people_who_lean_one_way_are_balanced_between_the_classes(corpus):
+    """As many people lean aligned as misaligned, so ordinary text favours neither class; and a
+    leaning person's documents really lean (the subject before the verb predicts the class)."""
+    leanings = list(tc.NAME_LEANING.values())
+    assert sum(p > 0.5 for p in leanings) == sum(p < 0.5 for p in leanings) > 0
+    assert sum(leanings) == pytest.approx(len(leanings) / 2)
+    out, _ = corpus
+    classes = _verb_classes()
+    counts: dict = {}
+    for text in _docs(out)["ordinary"]:
+        name = text.split()[0]
+        cls = {classes[w][1] for w in (w.strip(".,") for w in text.split()) if w in classes}.pop()
+        counts.setdefault(name, []).append(cls == "aligned")
+    for name, leaning in tc.NAME_LEANING.items():
+        share = sum(counts[name]) / len(counts[name])
+        assert abs(share - leaning) < 0.15, (name, leaning, share)
