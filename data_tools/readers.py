@@ -139,6 +139,24 @@ def _iter_parquet(path, start, stop, columns) -> Iterator[Tuple[int, dict]]:
             return
 
 
+try:
+    import orjson
+except ImportError:  # optional: json below gives the same objects, slower
+    orjson = None
+
+
+def _fast_loads(raw: bytes):
+    """orjson's parse of a JSONL line, or None for whatever it rejects (invalid UTF-8 or JSON,
+    but also NaN, lone surrogates, huge integers): those go through `json`, which decides and
+    words the error exactly as without orjson."""
+    if orjson is None:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
 @dataclass
 class BadRecord:
     kind: str  # one of SKIP_KINDS
@@ -147,7 +165,10 @@ class BadRecord:
 
 def parse_record(raw: RawRecord, text_field: str) -> Union[Tuple[dict, str], BadRecord]:
     """Decode one raw record into (object, text) or say why it is unusable."""
-    if isinstance(raw, (bytes, bytearray)):
+    obj = _fast_loads(raw) if isinstance(raw, (bytes, bytearray)) else None
+    if isinstance(obj, dict):
+        pass
+    elif isinstance(raw, (bytes, bytearray)):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
