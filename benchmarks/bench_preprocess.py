@@ -213,7 +213,7 @@ def main() -> None:
             elapsed, cpu = run_timed(cmd, tool_env)
             docs, tokens = count_tokens(prefix)
             print(f"run {repeat + 1}/{args.repeats} {name}: {elapsed:.1f}s wall, {tokens / elapsed:,.0f} tokens/s, "
-                  f"{cpu:.1f} CPU-s = {tokens / cpu:,.0f} tokens per CPU-second (1-min load before: {load:.1f})")
+                  f"{cpu:.1f} CPU-s = {tokens / cpu:,.0f} tokens per CPU-second (1-min load before: {load:.1f})", flush=True)
             per_round[name].append(tokens / elapsed)
             best = results["runs"].get(name)
             if best is None or elapsed < best["seconds"]:
@@ -227,7 +227,7 @@ def main() -> None:
         limit = json.loads(proc.stdout.strip().splitlines()[-1])
         per_round["tokenizer-limit"].append(limit["tokens"] / limit["seconds"])
         print(f"run {repeat + 1}/{args.repeats} tokenizer alone: {limit['seconds']:.1f}s in encode_batch_fast, "
-              f"{limit['tokens'] / limit['seconds']:,.0f} tokens/s (1-min load before: {load:.1f})")
+              f"{limit['tokens'] / limit['seconds']:,.0f} tokens/s (1-min load before: {load:.1f})", flush=True)
 
     def median(xs):
         xs = sorted(xs)
