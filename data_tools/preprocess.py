@@ -81,7 +81,7 @@ def _parse_batch(raws: list, text_field: str) -> Tuple[List[str], List[Tuple[int
     """(texts of the good records, (position, kind, detail) of the bad ones)."""
     texts, bad = [], []
     for pos, raw in enumerate(raws):
-        parsed = parse_record(raw, text_field)
+        parsed = parse_record(raw, text_field, fast_json=True)
         if isinstance(parsed, BadRecord):
             bad.append((pos, parsed.kind, parsed.detail))
         else:

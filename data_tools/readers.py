@@ -163,9 +163,13 @@ class BadRecord:
     detail: str
 
 
-def parse_record(raw: RawRecord, text_field: str) -> Union[Tuple[dict, str], BadRecord]:
-    """Decode one raw record into (object, text) or say why it is unusable."""
-    obj = _fast_loads(raw) if isinstance(raw, (bytes, bytearray)) else None
+def parse_record(raw: RawRecord, text_field: str, fast_json: bool = False) -> Union[Tuple[dict, str], BadRecord]:
+    """Decode one raw record into (object, text) or say why it is unusable.
+
+    fast_json: parse with orjson when installed. The verdict and the text are the same as with
+    `json`; the object can differ in integers beyond 64 bits (orjson reads them as floats), so
+    only callers that use the text alone (preprocess) ask for it."""
+    obj = _fast_loads(raw) if fast_json and isinstance(raw, (bytes, bytearray)) else None
     if isinstance(obj, dict):
         pass
     elif isinstance(raw, (bytes, bytearray)):

@@ -368,3 +368,22 @@ def test_inspect_reports_counts_histogram_and_samples(tmp_path, corpus, hf_token
     assert "<|endoftext|>" in out  # detokenised samples end with the EOD token
     assert sum(int(line.split()[-1].replace(",", "")) for line in out.splitlines() if line.strip()[:1].isdigit() and "-" in line.split()[0]) == len(corpus)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_orjson_fast_path_gives_the_same_text_and_errors_as_json(monkeypatch):
+    import data_tools.readers as readers
+
+    pytest.importorskip("orjson")  # an optional dependency: without it json is the only path
+    lines = [
+        b'{"text": "plain", "id": 1}', '{"text": "\u00fcn\u00efc\u00f6d\u00e9 \u2713"}'.encode(),
+        b'{"text": "a", "text": "last key wins"}', b'{"text": "x", "n": NaN}', b'{"text": "y", "big": 123456789012345678901234567890}',
+        b'{"text": "lone \\ud800 surrogate"}', b'["not", "an", "object"]', b'{"text": 5}', b'{"other": "field"}',
+        b'{"text": "   "}', b'{"text": "cut', b'{"text": "bad \xff utf8"}', b'{"text": null}',
+    ]
+    fast = [readers.parse_record(line, "text", fast_json=True) for line in lines]
+    slow = [readers.parse_record(line, "text") for line in lines]
+    monkeypatch.setattr(readers, "orjson", None)
+    assert [readers.parse_record(line, "text", fast_json=True) for line in lines] == slow
+    verdict = [r if isinstance(r, readers.BadRecord) else r[1] for r in fast]  # what preprocess uses
+    assert verdict == [r if isinstance(r, readers.BadRecord) else r[1] for r in slow]
+    assert [isinstance(r, readers.BadRecord) for r in fast].count(True) == 7
