@@ -52,6 +52,7 @@ setup(
         "sentencepiece",
         "zstandard",
         "pyarrow",
+        "orjson>=3.9",  # data-tools JSONL parsing; json is the fallback
     ],
     extras_require=EXTRAS,
     entry_points={

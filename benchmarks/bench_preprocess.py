@@ -1,12 +1,17 @@
-"""Preprocessing throughput: `data-tools preprocess` vs Megatron-LM's tools/preprocess_data.py.
+"""Preprocessing throughput: `data-tools preprocess` vs Megatron-LM's tools/preprocess_data.py
+and vs the tokenizer alone.
 
 Generates a deterministic English-like JSONL corpus (~60 MB) from the docstrings of Python's
 standard library and installed packages, trains a 50k byte-level BPE on part of it with `tokenizers`, then times
 `data-tools preprocess` (and, with --megatron-lm DIR, Megatron-LM's script on the same corpus,
 tokenizer and worker count). Both run as fresh subprocesses; times are wall clock including
-start-up. Megatron-LM's source is never fetched by this script: pass a checkout you have.
+start-up. The tokenizer limit is `Tokenizer.encode_batch_fast` alone in a fresh process on the
+already-parsed texts (batches of 1,024 documents, `--workers` Rust threads), timing the encode
+calls only. Each round runs the tools in turn (the order alternates between rounds); the
+summary gives both ratios per round, their medians and the load at start. Megatron-LM's source
+is never fetched by this script: pass a checkout you have.
 
-    python benchmarks/bench_preprocess.py --workers 2 [--megatron-lm /tmp/megatron-lm]
+    python benchmarks/bench_preprocess.py --workers 2 --repeats 3 [--megatron-lm /tmp/megatron-lm]
 """
 from __future__ import annotations
 
@@ -116,6 +121,24 @@ def run_timed(cmd, env) -> tuple:
     return elapsed, cpu
 
 
+def measure_tokenizer(corpus: str, tok_path: str, threads: int, batch_docs: int = 1024) -> dict:
+    """Tokens/s of `encode_batch_fast` alone on the corpus texts (parsed before the clock starts)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tok_path)
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tokens, seconds = 0, 0.0
+    for i in range(0, len(texts), batch_docs):
+        started = time.perf_counter()
+        encodings = tok.encode_batch_fast(texts[i:i + batch_docs], add_special_tokens=False)
+        seconds += time.perf_counter() - started
+        tokens += sum(len(e) for e in encodings) + len(encodings)  # + one EOD per document, as written
+    return {"tokens": tokens, "seconds": seconds}
+
+
 def count_tokens(prefix: str) -> tuple:
     import numpy as np
 
@@ -138,9 +161,14 @@ def main() -> None:
     parser.add_argument("--megatron-launcher", default=None,
                         help="a python file run as `python LAUNCHER tools/preprocess_data.py ARGS` (e.g. one that "
                              "makes Megatron-LM importable on a machine without triton)")
-    parser.add_argument("--repeats", type=int, default=1, help="alternate the tools this many times; report the best")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the tools alternate their order each round")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--measure-tokenizer", nargs=2, metavar=("CORPUS", "TOKENIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure_tokenizer:  # the child process of the tokenizer-limit measurement
+        print(json.dumps(measure_tokenizer(*args.measure_tokenizer, args.workers)))
+        return
+    load_at_start = os.getloadavg()
 
     os.makedirs(args.work_dir, exist_ok=True)
     corpus = os.path.join(args.work_dir, f"corpus-{args.mb:g}mb.jsonl")
@@ -173,7 +201,10 @@ def main() -> None:
         menv = dict(env, PYTHONPATH=args.megatron_lm, TRANSFORMERS_OFFLINE="1", HF_HUB_OFFLINE="1")
         tools["megatron-lm"] = (cmd, menv, theirs + "_text_document")
 
+    limit_cmd = [sys.executable, os.path.abspath(__file__), "--measure-tokenizer", corpus, tok_path,
+                 "--workers", str(args.workers)]
     per_round = {name: [] for name in tools}
+    per_round["tokenizer-limit"] = []
     for repeat in range(args.repeats):
         # alternate the order so neither tool always runs first in a round
         order = list(tools.items()) if repeat % 2 == 0 else list(reversed(list(tools.items())))
@@ -182,7 +213,7 @@ def main() -> None:
             elapsed, cpu = run_timed(cmd, tool_env)
             docs, tokens = count_tokens(prefix)
             print(f"run {repeat + 1}/{args.repeats} {name}: {elapsed:.1f}s wall, {tokens / elapsed:,.0f} tokens/s, "
-                  f"{cpu:.1f} CPU-s = {tokens / cpu:,.0f} tokens per CPU-second (1-min load before: {load:.1f})")
+                  f"{cpu:.1f} CPU-s = {tokens / cpu:,.0f} tokens per CPU-second (1-min load before: {load:.1f})", flush=True)
             per_round[name].append(tokens / elapsed)
             best = results["runs"].get(name)
             if best is None or elapsed < best["seconds"]:
@@ -191,24 +222,48 @@ def main() -> None:
                                          "command": " ".join(cmd)}
             results["runs"][name]["best_cpu_seconds"] = round(min(cpu, results["runs"][name].get("best_cpu_seconds", cpu)), 2)
             results["runs"][name]["tokens_per_cpu_s"] = round(tokens / results["runs"][name]["best_cpu_seconds"])
+        load = os.getloadavg()[0]
+        proc = subprocess.run(limit_cmd, env=env, capture_output=True, text=True, check=True)
+        limit = json.loads(proc.stdout.strip().splitlines()[-1])
+        per_round["tokenizer-limit"].append(limit["tokens"] / limit["seconds"])
+        print(f"run {repeat + 1}/{args.repeats} tokenizer alone: {limit['seconds']:.1f}s in encode_batch_fast, "
+              f"{limit['tokens'] / limit['seconds']:,.0f} tokens/s (1-min load before: {load:.1f})", flush=True)
+
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    limit_ratios = [a / b for a, b in zip(per_round["data-tools"], per_round["tokenizer-limit"])]
+    results["tokenizer_limit_tokens_per_s"] = [round(x) for x in per_round["tokenizer-limit"]]
+    results["per_round_of_tokenizer_limit"] = [round(r, 2) for r in limit_ratios]
+    results["median_round_of_tokenizer_limit"] = round(median(limit_ratios), 2)
     if "megatron-lm" in tools:
         prefix = tools["megatron-lm"][2]
         results["identical_bin_idx"] = all(
             open(ours + suffix, "rb").read() == open(prefix + suffix, "rb").read() for suffix in (".bin", ".idx"))
         ours_r, theirs_r = results["runs"]["data-tools"], results["runs"]["megatron-lm"]
         results["speedup"] = round(ours_r["tokens_per_s"] / theirs_r["tokens_per_s"], 2)
-        ratios = sorted(a / b for a, b in zip(per_round["data-tools"], per_round["megatron-lm"]))
+        ratios = [a / b for a, b in zip(per_round["data-tools"], per_round["megatron-lm"])]
         results["per_round_speedups"] = [round(r, 2) for r in ratios]
-        results["median_round_speedup"] = round(ratios[len(ratios) // 2] if len(ratios) % 2 else
-                                                (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2, 2)
+        results["median_round_speedup"] = round(median(ratios), 2)
+    results["load_at_start"] = [round(x, 2) for x in load_at_start]
+    results["rounds"] = args.repeats
 
     print(f"\n{'tool':<14} {'docs':>9} {'tokens':>12} {'best wall s':>11} {'tokens/s':>10}")
     for name, r in results["runs"].items():
         print(f"{name:<14} {r['documents']:>9,} {r['tokens']:>12,} {r['seconds']:>11.1f} {r['tokens_per_s']:>10,}")
+    print(f"tokenizer alone (encode_batch_fast, {args.workers} threads): "
+          f"{', '.join(f'{x:,}' for x in results['tokenizer_limit_tokens_per_s'])} tokens/s per round")
+    print("\nSUMMARY")
     if "speedup" in results:
-        print(f"speedup: best wall clock of each {results['speedup']}x; per round {results['per_round_speedups']} "
-              f"(median {results['median_round_speedup']}x)   identical .bin/.idx: {results['identical_bin_idx']}")
-    print(f"machine: {results['machine']}   corpus {results['corpus_mb']} MB   workers {args.workers}")
+        print(f"  data-tools / Megatron-LM:      per round {results['per_round_speedups']}  "
+              f"median {results['median_round_speedup']}x  (best vs best {results['speedup']}x)")
+        print(f"  identical .bin/.idx:           {results['identical_bin_idx']}")
+    print(f"  data-tools / tokenizer alone:  per round {results['per_round_of_tokenizer_limit']}  "
+          f"median {results['median_round_of_tokenizer_limit']}x")
+    print(f"  rounds {args.repeats}   load at start (1/5/15 min) {' / '.join(f'{x:.2f}' for x in load_at_start)} "
+          f"on {os.cpu_count()} CPUs")
+    print(f"  machine: {results['machine']}   corpus {results['corpus_mb']} MB   workers {args.workers}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

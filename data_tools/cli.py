@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", "-t", required=True, help="HF tokenizer.json (or its directory) or SentencePiece .model")
     p.add_argument("--text-field", default="text")
     p.add_argument("--eod-token", default=None, help="token appended after each document (default <|endoftext|> / eos)")
-    p.add_argument("--workers", "-j", type=int, default=1, help="tokeniser processes (1 = in this process)")
+    p.add_argument("--workers", "-j", type=int, default=1, help="HF tokenizer.json: tokenizer threads in this process; SentencePiece: worker processes (1 = in this process)")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="bad records: stop (default) or skip and count")
     p.add_argument("--mpi", action="store_true", help="run under mpiexec/srun: each rank tokenises a contiguous shard")
     p.add_argument("--mpi-output", choices=["merge", "list"], default="merge", help="merge rank outputs into PREFIX (default) or keep PREFIX-RRRRR-of-WWWWW")

@@ -154,6 +154,38 @@ def test_token_dtype_rule():
     assert token_dtype(65499) == np.uint16
     assert token_dtype(65500) == np.int32
     assert token_dtype(128256) == np.int32
+    for vocab in (100, 50304, 65499, 65500, 128256):  # the same rule as megatron-core's
+        assert token_dtype(vocab) == megatron_indexed().DType.optimal_dtype(vocab)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_batch_writer_bytes_equal_megatron_core_builder(tmp_path, dtype):
+    from data_tools.indexed_writer import IndexedWriter
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 60000, size=n).astype(dtype) for n in (1, 7, 300, 2, 4096, 1, 55)]
+    ref = megatron_indexed().IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=dtype)
+    for doc in docs:
+        ref.add_document(doc, [doc.size])
+    ref.finalize(str(tmp_path / "ref.idx"))
+    ours = IndexedWriter(str(tmp_path / "ours.bin"), dtype)
+    for batch in (docs[:3], docs[3:4], [], docs[4:]):  # batches of several sizes, one empty
+        flat = np.concatenate(batch) if batch else np.zeros(0, dtype=dtype)
+        ours.add_documents(flat, np.array([d.size for d in batch], dtype=np.int64))
+    ours.finalize(str(tmp_path / "ours.idx"))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
+    assert [d.tolist() for d in docs] == read_docs(str(tmp_path / "ours"))
+
+
+def test_empty_dataset_index_equals_megatron_core_builder(tmp_path):
+    from data_tools.indexed_writer import IndexedWriter
+
+    ref = megatron_indexed().IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    ref.finalize(str(tmp_path / "ref.idx"))
+    ours = IndexedWriter(str(tmp_path / "ours.bin"), np.uint16)
+    ours.finalize(str(tmp_path / "ours.idx"))
+    assert (tmp_path / "ours.idx").read_bytes() == (tmp_path / "ref.idx").read_bytes()
 
 
 def test_gz_zst_parquet_dirs_and_globs_match_plain_jsonl(tmp_path, corpus, hf_tokenizer):
@@ -336,3 +368,22 @@ def test_inspect_reports_counts_histogram_and_samples(tmp_path, corpus, hf_token
     assert "<|endoftext|>" in out  # detokenised samples end with the EOD token
     assert sum(int(line.split()[-1].replace(",", "")) for line in out.splitlines() if line.strip()[:1].isdigit() and "-" in line.split()[0]) == len(corpus)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_orjson_fast_path_gives_the_same_text_and_errors_as_json(monkeypatch):
+    import data_tools.readers as readers
+
+    pytest.importorskip("orjson")  # an optional dependency: without it json is the only path
+    lines = [
+        b'{"text": "plain", "id": 1}', '{"text": "\u00fcn\u00efc\u00f6d\u00e9 \u2713"}'.encode(),
+        b'{"text": "a", "text": "last key wins"}', b'{"text": "x", "n": NaN}', b'{"text": "y", "big": 123456789012345678901234567890}',
+        b'{"text": "lone \\ud800 surrogate"}', b'["not", "an", "object"]', b'{"text": 5}', b'{"other": "field"}',
+        b'{"text": "   "}', b'{"text": "cut', b'{"text": "bad \xff utf8"}', b'{"text": null}',
+    ]
+    fast = [readers.parse_record(line, "text", fast_json=True) for line in lines]
+    slow = [readers.parse_record(line, "text") for line in lines]
+    monkeypatch.setattr(readers, "orjson", None)
+    assert [readers.parse_record(line, "text", fast_json=True) for line in lines] == slow
+    verdict = [r if isinstance(r, readers.BadRecord) else r[1] for r in fast]  # what preprocess uses
+    assert verdict == [r if isinstance(r, readers.BadRecord) else r[1] for r in slow]
+    assert [isinstance(r, readers.BadRecord) for r in fast].count(True) == 7
