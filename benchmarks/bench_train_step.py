@@ -1,10 +1,11 @@
 """Step time of the tiny gpt-neox at TP=1 / TP=2 / PP=2 on CPU: megatron-align's trainer vs a bare
 megatron-core loop over the same model (our overhead; target <= 1.05x).
 
-    python benchmarks/bench_train_step.py [--steps 40] [--repeats 3]
+    python benchmarks/bench_train_step.py [--steps 40] [--repeats 3] [--layouts TP=1 TP=2 PP=2]
 
 Both sides: global batch 8, micro batch 2, seq 128, synthetic tokens, fp32, 1 thread per rank.
-Median step time over the steps after a 5-step warm-up; the best of --repeats launches.
+Median step time over the steps after a 5-step warm-up; the best of --repeats launches, the
+two sides alternating (bare, ours, bare, ours, ...) so that a change in load hits both.
 """
 import argparse
 import json
@@ -48,12 +49,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     args = parser.parse_args()
     print(f"{'layout':8} {'bare megatron-core':>20} {'megatron-align':>16} {'ratio':>7}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (nproc, tp, pp) in LAYOUTS.items():
-            b = min(bare(nproc, tp, pp, args.steps, tmp) for _ in range(args.repeats))
-            o = min(ours(nproc, tp, pp, args.steps, tmp) for _ in range(args.repeats))
+        for name in args.layouts:
+            nproc, tp, pp = LAYOUTS[name]
+            runs = [(bare(nproc, tp, pp, args.steps, tmp), ours(nproc, tp, pp, args.steps, tmp))
+                    for _ in range(args.repeats)]
+            b, o = min(r[0] for r in runs), min(r[1] for r in runs)
             print(f"{name:8} {b * 1000:17.1f} ms {o * 1000:13.1f} ms {o / b:6.3f}x", flush=True)
 
 
