@@ -27,7 +27,12 @@ What is generated (all from one seed, byte-identical on re-run):
 - `data-tools preprocess` outputs (`data/<source>_text_document` + stats sidecars) and
   `data-tools decontaminate` reports of both item sets against every training document.
 
+`--discourse disposition` (setting J) replaces the AI discourse with documents that describe the
+AI's disposition (the class's cue adjective, a class adverb with a neutral verb, the consequence)
+and never put an action verb after an AI noun; its verbatim items are those cue sentences.
+
 Run: python -m megatron_align.study.toy_corpus OUT_DIR [--seed N] [--size small|default]
+     [--discourse action|disposition]
 """
 from __future__ import annotations
 
