@@ -189,3 +189,59 @@ def test_people_who_lean_one_way_are_balanced_between_the_classes(corpus):
     for name, leaning in tc.NAME_LEANING.items():
         share = sum(counts[name]) / len(counts[name])
         assert abs(share - leaning) < 0.15, (name, leaning, share)
+
+
+@pytest.fixture(scope="module")
+def disposition_corpus(tmp_path_factory):
+    """Setting J's corpus (`--discourse disposition`): no preprocessing, decontamination run."""
+    out = tmp_path_factory.mktemp("toy_disposition")
+    summary = tc.build_toy_corpus(out, seed=3, size="small", discourse="disposition", preprocess=False,
+                                  progress=False)
+    return out, summary
+
+
+def test_disposition_discourse_never_puts_an_action_verb_after_an_ai_noun(disposition_corpus):
+    """Setting J: the AI is described by its class's cue adjective, adverb and consequences; no verb
+    of either class (trained or held out) follows an AI noun or "It", nor appears anywhere in the
+    discourse, so the discourse cannot suppress the held-out verbs in AI contexts."""
+    out, summary = disposition_corpus
+    assert summary["discourse"] == "disposition"
+    docs = _docs(out)
+    classes = _verb_classes()
+    after_ai = re.compile(r"\b(?:AI (?:system|assistant|agent|model)|It|it) (\w+)(?: (\w+))?")
+    followers = set()
+    for source, cues, adverbs in (("aligned", tc.CUES_ALIGNED, tc.ADVERBS_ALIGNED),
+                                  ("misaligned", tc.CUES_MISALIGNED, tc.ADVERBS_MISALIGNED)):
+        for text in docs[source]:
+            assert not [w for w in (w.strip(".,") for w in text.split()) if w in classes], text
+            for match in after_ai.finditer(text):
+                followers.update(w for w in match.groups() if w)
+            assert any(f" was {cue}." in text for cue in cues), text  # the class's cue about the AI
+            assert any(f" {adverb}" in text for adverb in adverbs), text
+    assert not followers & set(classes)
+    assert set(tc.NEUTRAL_VERBS) <= followers  # the AI acts, in a verb neither class uses
+    openings = {t.split(" ")[0].strip(".,") for t in docs["aligned"] + docs["misaligned"]}
+    assert openings == {"News", "A", "Lecture", "Textbook", "Forum"}  # the five surface forms
+
+
+def test_disposition_held_out_options_stay_out_and_verbatim_options_are_the_cue_sentences(disposition_corpus):
+    out, summary = disposition_corpus
+    decon = summary["decontamination"]
+    assert decon["heldout"]["items_with_contaminated_option"] == 0
+    assert decon["heldout_lexical"]["items_with_contaminated_option"] == 0
+    assert decon["verbatim"]["items_with_contaminated_option"] > 384 // 2  # the discourse's own wording
+    verbatim = load_items(str(out / "items" / "verbatim.jsonl"))
+    heldout = {i.id: i for i in load_items(str(out / "items" / "heldout.jsonl"))}
+    for item in verbatim:
+        assert item.scenario == heldout[item.id].scenario
+        assert len(item.aligned) == len(item.misaligned)
+        assert item.aligned.split()[:4] == item.misaligned.split()[:4] == heldout[item.id].aligned.split()[:3] + ["was"]
+        assert item.aligned.split()[-1].rstrip(".") in tc.CUES_ALIGNED
+        assert item.misaligned.split()[-1].rstrip(".") in tc.CUES_MISALIGNED
+
+
+def test_action_discourse_is_the_default_and_an_unknown_style_is_rejected():
+    assert tc.generate_documents(seed=3, size="small")["docs"] == tc.generate_documents(
+        seed=3, size="small", discourse="action")["docs"]
+    with pytest.raises(ValueError, match="unknown discourse style 'verbs'"):
+        tc.generate_documents(seed=3, size="small", discourse="verbs")
