@@ -194,21 +194,26 @@ def _gone(pid):
         return True
 
 
-def test_sigkilled_preprocess_workers_exit_quietly_and_a_rerun_cleans_up(tmp_path, hf_tokenizer, monkeypatch):
-    """SIGKILL the parent mid-run: its two workers must go without a traceback, the partial files
-    it leaves must be removed by the next run for the prefix, and that run's output is right.
-    The run is a fork of this process (megatron-core already imported: no 6 s start-up)."""
+@pytest.mark.parametrize("kind, expected_workers", [("sentencepiece", 2), ("hf", 0)])
+def test_sigkilled_preprocess_workers_exit_quietly_and_a_rerun_cleans_up(tmp_path, hf_tokenizer, sp_tokenizer,
+                                                                         monkeypatch, kind, expected_workers):
+    """SIGKILL the parent mid-run: its workers (a pool of two for SentencePiece; none for an HF
+    tokenizer, whose Rust threads live in the one process) must go without a traceback, the
+    partial files it leaves must be removed by the next run for the prefix, and that run's
+    output is right. The run is a fork of this process (megatron-core already imported)."""
     import multiprocessing
 
     import data_tools.preprocess as pp
 
+    tokenizer = sp_tokenizer if kind == "sentencepiece" else hf_tokenizer
+
     megatron_indexed()  # imported once here, not in the child
     monkeypatch.setattr(pp, "BATCH_DOCS", 512)  # 6 batches: workers are busy when the first lands
-    docs = make_docs(3000, seed=3)
+    docs = make_docs(3000 if kind == "sentencepiece" else 12000, seed=3)  # the one-process run is fast
     src = write_jsonl(tmp_path / "d.jsonl", docs)
     prefix, log = str(tmp_path / "out" / "ds"), str(tmp_path / "stderr.txt")
     proc = multiprocessing.get_context("fork").Process(
-        target=_preprocess_with_stderr_to, args=(log, ["preprocess", src, "-o", prefix, "-t", hf_tokenizer, "-j", "2", "-q"]))
+        target=_preprocess_with_stderr_to, args=(log, ["preprocess", src, "-o", prefix, "-t", tokenizer, "-j", "2", "-q"]))
     proc.start()
     partial = temp_prefix(prefix)[: -len(str(os.getpid()))] + str(proc.pid) + ".bin"
     workers = []
@@ -219,7 +224,7 @@ def test_sigkilled_preprocess_workers_exit_quietly_and_a_rerun_cleans_up(tmp_pat
             time.sleep(0.002)
         with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
             workers = [int(p) for p in f.read().split()]
-        assert len(workers) == 2
+        assert len(workers) == expected_workers
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         deadline = time.monotonic() + 30
@@ -233,8 +238,8 @@ def test_sigkilled_preprocess_workers_exit_quietly_and_a_rerun_cleans_up(tmp_pat
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert files_in(tmp_path / "out") == [os.path.basename(partial)]  # what the killed run left
 
-    stats = preprocess([src], prefix, hf_tokenizer, progress=False)
+    stats = preprocess([src], prefix, tokenizer, progress=False)
     assert files_in(tmp_path / "out") == ["ds.bin", "ds.idx", "ds.stats.json"]
-    tok = load_tokenizer(hf_tokenizer)
+    tok = load_tokenizer(tokenizer)
     assert stats["documents"] == len(docs)
     assert [tok.decode(ids[:-1]) for ids in read_docs(prefix)] == docs
