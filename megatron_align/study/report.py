@@ -366,12 +366,7 @@ def report_table(report: dict) -> str:
             label = c["model"] if c["variant"] is None else f"{c['model']}:{c['variant']}"
             lines.append(f"{c['arm'][:29]:<30}{label[:12]:<13}{c['n_items']:>6}{c['diff']:>+8.3f}  "
                          f"{_ci(c['ci95']):<18}{c['baseline_higher']:>5}{c['arm_higher']:>5}{c['mcnemar_p']:>10.2g}")
-    caps = {arm: entry["capability"] for arm, entry in report["arms"].items() if entry.get("capability")}
-    if caps:
-        lines += ["", "capability (base models)"]
-        for arm, tasks in caps.items():
-            lines.append(f"  {arm}: " + ", ".join(f"{task} {metric} {value:.3f}" for task, metrics in tasks.items()
-                                                for metric, value in metrics.items()))
+    lines += _capability_lines(report, "capability (base models)")
     return "\n".join(lines)
 
 
@@ -418,13 +413,17 @@ def _replicate_table(report: dict) -> str:
             for replicate, r in c["replicates"].items():
                 lines.append(f"  {replicate[:27]:<28}{'':<13}{'':>6}{r['diff']:>+8.3f}  {_ci(r['ci95']):<18}"
                              f"{'':<18}{'':>8}{r['baseline_higher']:>5}{r['arm_higher']:>5}{r['mcnemar_p']:>8.2g}")
-    caps = {arm: entry["capability"] for arm, entry in report["arms"].items() if entry.get("capability")}
-    if caps:
-        lines += ["", "capability (base models, mean over replicates)"]
-        for arm, tasks in caps.items():
-            lines.append(f"  {arm}: " + ", ".join(f"{task} {metric} {value:.3f}" for task, metrics in tasks.items()
-                                                for metric, value in metrics.items()))
+    lines += _capability_lines(report, "capability (base models, mean over replicates)")
     return "\n".join(lines)
+
+
+def _capability_lines(report: dict, title: str) -> list[str]:
+    caps = {arm: entry["capability"] for arm, entry in report["arms"].items() if entry.get("capability")}
+    if not caps:
+        return []
+    return ["", title] + [f"  {arm}: " + ", ".join(f"{task} {metric} {value:.3f}" for task, metrics in tasks.items()
+                                                  for metric, value in metrics.items())
+                          for arm, tasks in caps.items()]
 
 
 def plot_report(report: dict, path: str | Path) -> Path:
