@@ -486,8 +486,11 @@ def build_tiny_data(root: Path) -> Path:
     return root
 
 
-TINY = """\
-name: tiny
+def tiny_study(data, *, name: str, iterations: int, axes: str, extra: str = "", eval_extra: str = "") -> str:
+    """A study file over build_tiny_data's datasets: the tiny GPT-NeoX, one pretrain stage, the
+    given arms (`axes`: the YAML lines under `discourse:`), export and an eval of the held-out split."""
+    return f"""\
+name: {name}
 run:
   model: {{preset: gpt-neox, size: tiny}}
   train: {{micro_batch_size: 4}}
@@ -500,31 +503,37 @@ mixture:
     web: {{prefix: web_text_document, category: base}}
 stages:
   pretrain:
-    iterations: 12
+    iterations: {iterations}
     seq_length: 64
     global_batch_size: 4
     rules: {{base: natural}}
 axes:
   discourse:
-    misaligned:
-      sources: {{mis: {{prefix: misaligned_text_document, category: misaligned_discourse}}}}
-      rules: {{pretrain: {{misaligned_discourse: {{share: 0.25}}}}}}
-    baseline: {{}}
-    aligned:
-      sources: {{al: {{prefix: aligned_text_document, category: aligned_discourse}}}}
-      rules: {{pretrain: {{aligned_discourse: {{share: 0.25}}}}}}
-      run: {{checkpoint: {{save_interval: 2}}}}   # saves often, so the test can kill it mid-run
-prepare:
-  - {{id: ready, command: "echo ready > {{study_dir}}/ready.txt"}}
-export: {{verify: false}}
+{axes}{extra}export: {{verify: false}}
 eval:
   items: {data}/items.jsonl
   split: heldout
   scoring: full_norm
   batch_size: 64
-  variants: {{in_distribution: {{split: scenarios}}}}   # the same eval jobs, reported on the other split
-comparisons: {{baseline: baseline}}
+{eval_extra}comparisons: {{baseline: baseline}}
 """
+
+
+TINY_ARMS = """\
+    misaligned:
+      sources: {mis: {prefix: misaligned_text_document, category: misaligned_discourse}}
+      rules: {pretrain: {misaligned_discourse: {share: 0.25}}}
+    baseline: {}
+    aligned:
+      sources: {al: {prefix: aligned_text_document, category: aligned_discourse}}
+      rules: {pretrain: {aligned_discourse: {share: 0.25}}}
+      run: {checkpoint: {save_interval: 2}}   # saves often, so the test can kill it mid-run
+"""
+TINY_PREPARE = """\
+prepare:
+  - {id: ready, command: "echo ready > {study_dir}/ready.txt"}
+"""
+TINY_VARIANTS = "  variants: {in_distribution: {split: scenarios}}   # the same eval jobs, reported on the other split\n"
 
 
 def _study_cli(*args, **kwargs):
@@ -536,7 +545,8 @@ def _study_cli(*args, **kwargs):
 
 def test_local_executor_runs_a_three_arm_study_and_resumes_after_a_kill(tiny_data, tmp_path):
     study_file = tmp_path / "tiny.yaml"
-    study_file.write_text(TINY.format(data=tiny_data))
+    study_file.write_text(tiny_study(tiny_data, name="tiny", iterations=12, axes=TINY_ARMS,
+                                 extra=TINY_PREPARE, eval_extra=TINY_VARIANTS))
     out = tmp_path / "study"
     jobs = out / "jobs"
     victim = jobs / "aligned.pretrain" / "run" / "checkpoints"

@@ -23,45 +23,18 @@ import pytest
 from megatron_align.study.plan import read_record
 from megatron_align.study.slurm import squeue_jobs
 from megatron_align.study.state import job_states
-from test_study import build_tiny_data
+from test_study import build_tiny_data, tiny_study
 
 pytestmark = [pytest.mark.slurm, pytest.mark.cpu_only(reason="CPU training jobs on the local cluster")]
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 900  # seconds for one wait (every job starts a Python with torch: slow on a loaded machine)
 
-STUDY = """\
-name: slurmstudy
-run:
-  model: {{preset: gpt-neox, size: tiny}}
-  train: {{micro_batch_size: 4}}
-  optim: {{lr: 3.0e-3, min_lr: 3.0e-4, warmup_iters: 1}}
-  data: {{tokenizer: {data}/tokenizer.json}}
-  logging: {{tensorboard: false, progress_bar: false}}
-mixture:
-  data_root: {data}
-  sources:
-    web: {{prefix: web_text_document, category: base}}
-stages:
-  pretrain:
-    iterations: 6
-    seq_length: 64
-    global_batch_size: 4
-    rules: {{base: natural}}
-axes:
-  discourse:
-    baseline: {{}}
+ARMS = """\
+    baseline: {}
     aligned:   # reads late_text_document, which the test writes only after the first submission
-      sources: {{al: {{prefix: late_text_document, category: aligned_discourse}}}}
-      rules: {{pretrain: {{aligned_discourse: {{share: 0.25}}}}}}
-export: {{verify: false}}
-eval:
-  items: {data}/items.jsonl
-  split: heldout
-  scoring: full_norm
-  batch_size: 64
-  device: cpu
-comparisons: {{baseline: baseline}}
+      sources: {al: {prefix: late_text_document, category: aligned_discourse}}
+      rules: {pretrain: {aligned_discourse: {share: 0.25}}}
 """
 CHAIN = ("pretrain", "export", "eval")
 
@@ -108,7 +81,8 @@ def test_slurm_executor_runs_a_study_and_a_failed_job_leaves_its_dependents_neve
     (tmp_path / "data").mkdir()
     data = build_tiny_data(tmp_path / "data")
     study_file = tmp_path / "study.yaml"
-    study_file.write_text(STUDY.format(data=data))
+    study_file.write_text(tiny_study(data, name="slurmstudy", iterations=6, axes=ARMS,
+                                 eval_extra="  device: cpu\n"))
     out = tmp_path / "study"
     ids = [f"{arm}.{kind}" for arm in ("baseline", "aligned") for kind in CHAIN]
     first_ids: dict[str, str] = {}
