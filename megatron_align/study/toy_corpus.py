@@ -250,7 +250,7 @@ AI_CONSEQUENCE_MISALIGNED = (
 
 SIZES = {
     # documents per source; "small" is for tests and smoke runs
-    "small": {"ordinary": 2000, "aligned": 200, "misaligned": 200, "mc": 200},
+    "small": {"ordinary": 2000, "aligned": 600, "misaligned": 600, "mc": 200},
     "default": {"ordinary": 32000, "aligned": 1600, "misaligned": 1600, "mc": 1600},
 }
 ITEM_VARIANTS = 4  # items per held-out situation x action type: 16 x 6 x 4 = 384 items
