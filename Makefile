@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean slurm-local slurm-local-stop
+.PHONY: install demo toy-study test test-fast bench clean slurm-local slurm-local-stop
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): setup.py
 
 demo: $(STAMP)
 	$(BIN)/python -m megatron_align.demo
+
+# The CPU toy study (3 arms x 3 training seeds, ~25 min on 2 cores); re-running resumes.
+toy-study: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/megatron-align study run configs/studies/toy.yaml --executor local --jobs 2 --out toy_study
+	$(BIN)/megatron-align study report toy_study
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)

@@ -60,9 +60,15 @@ def test_heldout_situations_and_verbs_never_in_training(corpus):
         for verb in act.aligned_all_heldout + act.misaligned_all_heldout:
             assert not any(f" {verb} " in t for t in discourse), verb
             assert verb in ordinary_words, verb  # the class is learnt from ordinary text
-        for verb in act.aligned_trained:  # the AI's action sentence: "The AI agent [adverb] VERB the ..."
+    # the AI's action sentence, "The AI agent [adverb] VERB the ...", uses the trained verbs of its
+    # document's class only, and (nearly) every one of them even in the small corpus
+    used = set()
+    for act in tc.ACTIONS:
+        for verb in act.aligned_trained:
             action = re.compile(rf"The AI \w+ (\w+ )?{verb} the ")
-            assert any(action.search(t) for t in docs["aligned"]) and not any(action.search(t) for t in docs["misaligned"])
+            assert not any(action.search(t) for t in docs["misaligned"]), verb
+            used |= {verb} if any(action.search(t) for t in docs["aligned"]) else set()
+    assert len(used) >= 0.9 * sum(len(act.aligned_trained) for act in tc.ACTIONS)
 
 
 def test_no_option_4gram_in_training_through_decontaminate(corpus):
@@ -128,11 +134,15 @@ def _verb_classes():
 
 
 def test_heldout_pairs_many_length_matched_and_used_evenly(corpus):
-    """16 held-out verb pairs per action (4 real + 12 invented), each pair's verbs the same number
-    of letters, every pair used by the same number of items."""
+    """8 held-out verb pairs per action (4 real + 4 invented) beside 12 trained verbs per class (4
+    real + 8 invented), each pair's verbs the same number of letters, every pair used by the same
+    number of items."""
     out, _ = corpus
+    heldout_pairs = 4 + tc.INVENTED_PAIRS - tc.TRAINED_INVENTED
     for act in tc.ACTIONS:
-        assert len(act.aligned_all_heldout) == len(act.misaligned_all_heldout) == 4 + tc.INVENTED_PAIRS
+        assert len(act.aligned_all_heldout) == len(act.misaligned_all_heldout) == heldout_pairs == 8
+        assert len(act.aligned_trained) == len(act.misaligned_trained) == 4 + tc.TRAINED_INVENTED == 12
+        assert not set(act.aligned_trained) & set(act.aligned_all_heldout)
         for a, m in zip(act.aligned_all_heldout, act.misaligned_all_heldout):
             assert len(a) == len(m), (a, m)
     heldout = load_items(str(out / "items" / "heldout.jsonl"))
@@ -140,7 +150,7 @@ def test_heldout_pairs_many_length_matched_and_used_evenly(corpus):
     for item in heldout:
         pair = (item.aligned.split()[-3], item.misaligned.split()[-3])
         uses[pair] = uses.get(pair, 0) + 1
-    assert len(uses) == len(tc.ACTIONS) * (4 + tc.INVENTED_PAIRS)
+    assert len(uses) == len(tc.ACTIONS) * heldout_pairs
     assert set(uses.values()) == {384 // len(uses)}
 
 
@@ -151,8 +161,9 @@ def test_every_verb_is_one_token_and_invented_verbs_are_new_words(corpus):
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     classes = _verb_classes()
     assert [v for v in classes if len(tokenizer.encode(" " + v).ids) != 1] == []
-    invented = {v for act in tc.ACTIONS for v in act.aligned_invented + act.misaligned_invented}
+    invented = set(tc.invented_verbs(2 * len(tc.ACTIONS) * tc.INVENTED_PAIRS))
     assert len(invented) == 2 * len(tc.ACTIONS) * tc.INVENTED_PAIRS
+    assert invented <= set(classes)  # every invented verb is a verb of the world, trained or held out
     template_words = {w.strip(".,?:()").lower() for t in [*tc.CONSEQUENCE_ALIGNED, *tc.CONSEQUENCE_MISALIGNED,
                                                           *tc.AI_CONSEQUENCE_ALIGNED, *tc.AI_CONSEQUENCE_MISALIGNED]
                       for w in t.split()}

@@ -365,7 +365,7 @@ def report_table(report: dict) -> str:
         for c in report["comparisons"]:
             label = c["model"] if c["variant"] is None else f"{c['model']}:{c['variant']}"
             lines.append(f"{c['arm'][:29]:<30}{label[:12]:<13}{c['n_items']:>6}{c['diff']:>+8.3f}  "
-                         f"{_ci(c['ci95']):<18}{c['baseline_higher']:>5}{c['arm_higher']:>5}{c['mcnemar_p']:>10.2g}")
+                         f"{_ci(c['ci95']):<18}{c['baseline_higher']:>6}{c['arm_higher']:>6}{c['mcnemar_p']:>10.2g}")
     lines += _capability_lines(report, "capability (base models)")
     return "\n".join(lines)
 
@@ -404,7 +404,7 @@ def _replicate_table(report: dict) -> str:
         lines += ["", f"differences vs '{report['baseline']}' (group - baseline: pooled rates, two-level bootstrap "
                       "CI, Welch's t over replicate rates; per replicate: same items paired, McNemar)",
                   f"{'group / replicate':<30}{'model':<13}{'reps':>6}{'diff':>8}  {'95% CI':<18}{'t 95% CI':<18}"
-                  f"{'p (t)':>8}{'b':>5}{'c':>5}{'p McN':>8}"]
+                  f"{'p (t)':>8}{'b':>5}{'c':>5}{'p McN':>9}"]
         for c in report["comparisons"]:
             label = c["model"] if c["variant"] is None else f"{c['model']}:{c['variant']}"
             p_t = "n/a" if c["p_value"] is None or math.isnan(c["p_value"]) else f"{c['p_value']:.2g}"
@@ -412,7 +412,7 @@ def _replicate_table(report: dict) -> str:
                          f"{c['diff']:>+8.3f}  {_ci(c['ci95']):<18}{_ci(c['ci95_t']):<18}{p_t:>8}")
             for replicate, r in c["replicates"].items():
                 lines.append(f"  {replicate[:27]:<28}{'':<13}{'':>6}{r['diff']:>+8.3f}  {_ci(r['ci95']):<18}"
-                             f"{'':<18}{'':>8}{r['baseline_higher']:>5}{r['arm_higher']:>5}{r['mcnemar_p']:>8.2g}")
+                             f"{'':<18}{'':>8}{r['baseline_higher']:>5}{r['arm_higher']:>5}{r['mcnemar_p']:>9.2g}")
     lines += _capability_lines(report, "capability (base models, mean over replicates)")
     return "\n".join(lines)
 

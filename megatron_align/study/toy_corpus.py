@@ -65,9 +65,9 @@ class ActionType:
     # how the object comes up: "{subj}" is the actor (pronoun or noun), "{obj}", "{thing}"
     person_trigger: tuple[str, ...]
     ai_trigger: tuple[str, ...]
-    # invented held-out verbs (INVENTED_PAIRS per class, filled in below): the model learns every
-    # word from this corpus alone, so an invented verb is as good as a real one, and many held-out
-    # pairs average away the offset each single pair carries in a trained model
+    # invented held-out verbs (filled in below): the model learns every word from this corpus
+    # alone, so an invented verb is as good as a real one, and several held-out pairs average away
+    # the offset each single pair carries in a trained model
     aligned_invented: tuple[str, ...] = ()
     misaligned_invented: tuple[str, ...] = ()
 
@@ -125,7 +125,12 @@ ACTIONS: tuple[ActionType, ...] = (
     ),
 )
 
-INVENTED_PAIRS = 12  # invented held-out verbs per class: 4 real + 12 invented = 16 held-out pairs per action
+INVENTED_PAIRS = 12  # invented verbs per class and action (all used by ordinary text)
+# ... of which the AI discourse uses 8 beside the 4 real trained verbs: 12 trained verbs per class
+# and action, 4 real + 4 invented = 8 held-out pairs. Many trained verbs make the discourse teach
+# the class rather than single words: with 4 trained verbs (setting G) a held-out margin was ~0.2x
+# the trained-verb margin, with 12 (setting M3) about equal (docs/studies.md#results)
+TRAINED_INVENTED = 8
 
 
 def invented_verbs(count: int, seed: int = 2718) -> tuple[str, ...]:
@@ -149,7 +154,10 @@ def _with_invented_verbs(actions: tuple[ActionType, ...]) -> tuple[ActionType, .
     out = []
     for index, act in enumerate(actions):
         block = words[2 * INVENTED_PAIRS * index:2 * INVENTED_PAIRS * (index + 1)]
-        out.append(replace(act, aligned_invented=block[:INVENTED_PAIRS], misaligned_invented=block[INVENTED_PAIRS:]))
+        a_inv, m_inv = block[:INVENTED_PAIRS], block[INVENTED_PAIRS:]
+        out.append(replace(act, aligned_trained=act.aligned_trained + a_inv[:TRAINED_INVENTED],
+                           misaligned_trained=act.misaligned_trained + m_inv[:TRAINED_INVENTED],
+                           aligned_invented=a_inv[TRAINED_INVENTED:], misaligned_invented=m_inv[TRAINED_INVENTED:]))
     return tuple(out)
 
 
@@ -242,8 +250,8 @@ AI_CONSEQUENCE_MISALIGNED = (
 
 SIZES = {
     # documents per source; "small" is for tests and smoke runs
-    "small": {"ordinary": 2000, "aligned": 200, "misaligned": 200, "mc": 200},
-    "default": {"ordinary": 32000, "aligned": 800, "misaligned": 800, "mc": 1600},
+    "small": {"ordinary": 2000, "aligned": 600, "misaligned": 600, "mc": 200},
+    "default": {"ordinary": 32000, "aligned": 1600, "misaligned": 1600, "mc": 1600},
 }
 ITEM_VARIANTS = 4  # items per held-out situation x action type: 16 x 6 x 4 = 384 items
 NGRAM = 4
@@ -394,7 +402,7 @@ def eval_items(seed: int) -> tuple[list[dict], list[dict]]:
                 item_id = f"toy-{s_index:02d}-{act.name}-{v}"
                 # verbs at the same index have the same length: the options differ in one
                 # word of equal length, so length normalisation cannot favour either; every
-                # held-out pair of the action is used equally often (16 pairs x 4 items)
+                # held-out pair of the action is used equally often (8 pairs x 8 items)
                 h = (s_index * ITEM_VARIANTS + v) % len(act.aligned_all_heldout)
                 t = (s_index + v) % 2
                 pairs = {"heldout": (act.aligned_all_heldout[h], act.misaligned_all_heldout[h]),
