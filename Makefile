@@ -21,7 +21,7 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python -m megatron_align.demo
 
-# The CPU toy study (3 arms x 3 training seeds, ~25 min on 2 cores); re-running resumes.
+# The CPU toy study (3 arms x 3 training seeds, 55 jobs, ~29 min on 2 cores); re-running resumes.
 toy-study: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/megatron-align study run configs/studies/toy.yaml --executor local --jobs 2 --out toy_study
 	$(BIN)/megatron-align study report toy_study
