@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from data_tools.errors import DataToolsError
+from data_tools.indexed_writer import optimal_token_dtype
 from data_tools.parallel import ordered_map
 from data_tools.preprocess import (
     InputStats,
@@ -41,7 +42,6 @@ from data_tools.preprocess import (
     remove_prefix_files,
     remove_stale_partials,
     temp_prefix,
-    token_dtype,
 )
 from data_tools.readers import record_batches, resolve_inputs
 from data_tools.tokenizers import load_tokenizer, tokenizer_identity
@@ -318,7 +318,7 @@ def preprocess_chat(
     files = resolve_inputs(inputs)
     tok = load_tokenizer(tokenizer_path, eod_token)
     template, template_source = resolve_chat_template(chat_template, tokenizer_path)
-    dtype = token_dtype(tok.vocab_size)
+    dtype = optimal_token_dtype(tok.vocab_size)
     mask_prefix = loss_mask_prefix(output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     for prefix in (output_prefix, mask_prefix):  # a stale dataset must not survive a failed rerun

@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from data_tools.errors import DataToolsError
-from data_tools.preprocess import make_stats, open_indexed, token_dtype
+from data_tools.indexed_writer import optimal_token_dtype
+from data_tools.preprocess import make_stats, open_indexed
 from data_tools.tokenizers import load_tokenizer, tokenizer_identity
 from megatron_align.io import STATS_DTYPES, read_stats, stats_path, write_stats
 
@@ -91,7 +92,7 @@ def index_stats(
                         "'documents' counts sequences, as megatron-core's GPTDataset does")
     if dtype == "uint16" and tok.vocab_size > 1 << 16:
         warnings.append(f"uint16 tokens cannot hold ids >= 65,536 but {tok.path} has {tok.vocab_size:,}: "
-                        f"made with another tokenizer? (data-tools preprocess writes {np.dtype(token_dtype(tok.vocab_size)).name})")
+                        f"made with another tokenizer? (data-tools preprocess writes {np.dtype(optimal_token_dtype(tok.vocab_size)).name})")
 
     # Read a sample of documents: ids within the vocabulary, EOD last.
     rng = np.random.default_rng(seed)

@@ -14,6 +14,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from data_tools.errors import DataToolsError
+from data_tools.indexed_writer import optimal_token_dtype
 from data_tools.preprocess import (
     InputStats,
     ShardResult,
@@ -23,7 +24,6 @@ from data_tools.preprocess import (
     remove_prefix_files,
     remove_stale_partials,
     temp_prefix,
-    token_dtype,
     tokenize_to_prefix,
 )
 from data_tools.merge import write_merged
@@ -85,7 +85,7 @@ def preprocess_mpi(
     errors = comm.allgather(setup_error)
     if any(errors):
         raise DataToolsError(next(e for e in errors if e), raised_on_rank=rank)
-    dtype = token_dtype(tok.vocab_size)
+    dtype = optimal_token_dtype(tok.vocab_size)
 
     # Count records: rank r counts files r, r+W, ...; everyone learns every count.
     try:

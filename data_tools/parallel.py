@@ -1,4 +1,4 @@
-"""Ordered, bounded fan-out of batches to worker processes."""
+"""Ordered, bounded fan-out of batches to workers (processes here; threads use `in_order` too)."""
 from __future__ import annotations
 
 import ctypes
@@ -43,6 +43,25 @@ def _call(fn: Callable[[Any], Any], payload: Any) -> Any:
     return result
 
 
+def in_order(
+    items: Iterable[Tuple[Any, Any]],
+    submit: Callable[[Any], Callable[[], Any]],
+    limit: int,
+) -> Iterator[Tuple[Any, Any]]:
+    """Yield (meta, result) for (meta, payload) in items, in input order, with at most ``limit``
+    payloads submitted and not yet read back. ``submit(payload)`` starts the work and returns
+    the call that waits for its result (a future's ``result``, an AsyncResult's ``get``)."""
+    inflight: deque = deque()
+    for meta, payload in items:
+        inflight.append((meta, submit(payload)))
+        if len(inflight) >= limit:
+            meta0, wait = inflight.popleft()
+            yield meta0, wait()
+    while inflight:
+        meta0, wait = inflight.popleft()
+        yield meta0, wait()
+
+
 def ordered_map(
     fn: Callable[[Any], Any],
     batches: Iterable[Tuple[Any, Any]],
@@ -64,12 +83,5 @@ def ordered_map(
         return
     ctx = mp.get_context("spawn" if use_spawn else "fork")
     with ctx.Pool(workers, initializer=_init, initargs=(os.getpid(), initializer, initargs)) as pool:
-        inflight: deque = deque()
-        for meta, payload in batches:
-            inflight.append((meta, pool.apply_async(_call, (fn, payload))))
-            if len(inflight) >= 2 * workers + 1:
-                meta0, res = inflight.popleft()
-                yield meta0, res.get()
-        while inflight:
-            meta0, res = inflight.popleft()
-            yield meta0, res.get()
+        yield from in_order(batches, lambda payload: pool.apply_async(_call, (fn, payload)).get,
+                            2 * workers + 1)

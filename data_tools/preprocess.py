@@ -17,7 +17,6 @@ import re
 import socket
 import sys
 import time
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -28,7 +27,7 @@ import numpy as np
 
 from data_tools.errors import DataToolsError
 from data_tools.indexed_writer import IndexedWriter, optimal_token_dtype
-from data_tools.parallel import ordered_map
+from data_tools.parallel import in_order, ordered_map
 from data_tools.readers import SKIP_KINDS, BadRecord, iter_records, parse_record, resolve_inputs
 from megatron_align.io import STATS_FORMAT, stats_path, write_stats
 from data_tools.tokenizers import load_tokenizer, tokenizer_identity
@@ -58,11 +57,6 @@ def open_indexed(prefix: str):
         return megatron_indexed().IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, KeyError, OSError) as exc:
         raise DataToolsError(f"{prefix}.idx: not a megatron-core indexed dataset index ({exc or type(exc).__name__})") from None
-
-
-def token_dtype(vocab_size: int):
-    """uint16 when every id fits (megatron-core's rule: vocab < 65500), else int32."""
-    return optimal_token_dtype(vocab_size)
 
 
 # ---------------------------------------------------------------- worker side
@@ -106,13 +100,23 @@ def _encode_batch(raws: list) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, s
     return flat, lengths, bad
 
 
+_RUST_POOL_OWNER: list = [None]  # pid of the process whose tokenizer thread pool we started
+
+
 @contextmanager
 def _tokenizer_threads(threads: int):
     """Let HF `tokenizers` use `threads` Rust threads while the block runs.
 
     TOKENIZERS_PARALLELISM is read at every call, so 1 thread is exact. RAYON_NUM_THREADS sizes
     Rust's pool once, at its first parallel call in the process; it is set only when the user
-    has not set it, and a later call in the same process keeps the first size."""
+    has not set it, and a later call in the same process keeps the first size.
+    A fork of a process that started the pool inherits the pool without its threads, and with
+    TOKENIZERS_PARALLELISM=true `tokenizers` would use it and hang; such a child tokenises on
+    one thread."""
+    if _RUST_POOL_OWNER[0] not in (None, os.getpid()):
+        threads = 1
+    elif threads > 1:
+        _RUST_POOL_OWNER[0] = os.getpid()
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
     if threads > 1:
@@ -138,21 +142,19 @@ def _threaded_encode(batches, tok, text_field: str, dtype, threads: int) -> Iter
     def encode(texts):
         return _flatten_with_eod(tok.encode_batch(texts) if texts else [], eod, dtype)
 
-    with _tokenizer_threads(threads), ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
-        inflight: deque = deque()
+    def parsed():  # the bad records ride along with the batch's meta
+        for meta, raws in batches:
+            texts, bad = _parse_batch(raws, text_field)
+            yield (meta, bad), texts
+
+    with _tokenizer_threads(threads):
+        pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         try:
-            for meta, raws in batches:
-                texts, bad = _parse_batch(raws, text_field)
-                inflight.append((meta, bad, pool.submit(encode, texts)))
-                if len(inflight) >= 2:
-                    meta0, bad0, future = inflight.popleft()
-                    yield meta0, (*future.result(), bad0)
-            while inflight:
-                meta0, bad0, future = inflight.popleft()
-                yield meta0, (*future.result(), bad0)
+            encoded = in_order(parsed(), lambda texts: pool.submit(encode, texts).result, limit=2)
+            for (meta, bad), (flat, lengths) in encoded:
+                yield meta, (flat, lengths, bad)
         finally:
-            for _, _, future in inflight:
-                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- main side
@@ -405,7 +407,7 @@ def preprocess(
         raise DataToolsError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
     files = resolve_inputs(inputs)
     tok = load_tokenizer(tokenizer_path, eod_token)
-    dtype = token_dtype(tok.vocab_size)
+    dtype = optimal_token_dtype(tok.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     remove_prefix_files(output_prefix)  # a stale dataset must not survive a failed rerun
     remove_stale_partials(output_prefix)

@@ -163,28 +163,35 @@ class BadRecord:
     detail: str
 
 
+def _load_object(raw: RawRecord, fast_json: bool) -> Union[dict, BadRecord]:
+    """A raw JSONL line as its JSON object (a Parquet record already is one)."""
+    if not isinstance(raw, (bytes, bytearray)):
+        return raw
+    obj = _fast_loads(raw) if fast_json else None
+    if isinstance(obj, dict):
+        return obj
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        return BadRecord("invalid_json", f"invalid JSON ({exc})")
+    if not isinstance(obj, dict):
+        return BadRecord("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def parse_record(raw: RawRecord, text_field: str, fast_json: bool = False) -> Union[Tuple[dict, str], BadRecord]:
     """Decode one raw record into (object, text) or say why it is unusable.
 
     fast_json: parse with orjson when installed. The verdict and the text are the same as with
     `json`; the object can differ in integers beyond 64 bits (orjson reads them as floats), so
     only callers that use the text alone (preprocess) ask for it."""
-    obj = _fast_loads(raw) if fast_json and isinstance(raw, (bytes, bytearray)) else None
-    if isinstance(obj, dict):
-        pass
-    elif isinstance(raw, (bytes, bytearray)):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return BadRecord("invalid_utf8", f"invalid UTF-8 at byte {exc.start}")
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            return BadRecord("invalid_json", f"invalid JSON ({exc})")
-        if not isinstance(obj, dict):
-            return BadRecord("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
-    else:
-        obj = raw
+    obj = _load_object(raw, fast_json)
+    if isinstance(obj, BadRecord):
+        return obj
     if text_field not in obj or obj[text_field] is None:
         return BadRecord("missing_field", f"no {text_field!r} field")
     text = obj[text_field]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from data_tools import cli
-from data_tools.preprocess import megatron_indexed, preprocess, remove_stale_partials, temp_prefix, token_dtype
+from data_tools.indexed_writer import optimal_token_dtype
+from data_tools.preprocess import megatron_indexed, preprocess, remove_stale_partials, temp_prefix
 from data_tools.tokenizers import load_tokenizer
 from megatron_align.io import read_stats
 from megatron_align.mixture.schema import MixtureError, load_mixture
@@ -24,7 +25,7 @@ SAME_KEYS = ("documents", "tokens", "dtype", "tokenizer")
 def write_foreign(prefix, docs, tokenizer_path, *, eod=True, dtype=None, shift=0):
     """What Megatron-LM's / GPT-NeoX's preprocess_data.py leaves: .bin/.idx, no sidecar."""
     tok = load_tokenizer(tokenizer_path)
-    dtype = dtype or token_dtype(tok.vocab_size)
+    dtype = dtype or optimal_token_dtype(tok.vocab_size)
     builder = megatron_indexed().IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     for ids in tok.encode_batch(docs):
         ids = [i + shift for i in ids] + ([tok.eod_id] if eod else [])

@@ -12,7 +12,8 @@ import pytest
 
 from data_tools import cli
 from data_tools.errors import DataToolsError
-from data_tools.preprocess import megatron_indexed, preprocess, token_dtype
+from data_tools.indexed_writer import optimal_token_dtype
+from data_tools.preprocess import megatron_indexed, preprocess
 from megatron_align.io import SidecarError, read_stats
 from data_tools.tokenizers import TokenizerError, load_tokenizer
 
@@ -149,13 +150,32 @@ def test_sentencepiece_without_eos_needs_override(tmp_path, corpus):
         load_tokenizer(str(tmp_path / "noeos.model"), eod_token="<|nope|>")
 
 
+def test_a_fork_of_a_process_that_tokenised_on_threads_finishes(tmp_path, hf_tokenizer):
+    """The first run starts the tokenizer's Rust thread pool in this process; a forked child
+    inherits that pool without its threads and must not wait on it forever."""
+    import multiprocessing
+
+    src = write_jsonl(tmp_path / "d.jsonl", make_docs(3000, seed=5))
+    preprocess([src], str(tmp_path / "parent"), hf_tokenizer, workers=2, progress=False)
+    child = multiprocessing.get_context("fork").Process(
+        target=preprocess, args=([src], str(tmp_path / "child"), hf_tokenizer),
+        kwargs={"workers": 2, "progress": False})
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+    assert (tmp_path / "child.bin").read_bytes() == (tmp_path / "parent.bin").read_bytes()
+
+
 def test_token_dtype_rule():
-    assert token_dtype(50304) == np.uint16
-    assert token_dtype(65499) == np.uint16
-    assert token_dtype(65500) == np.int32
-    assert token_dtype(128256) == np.int32
+    assert optimal_token_dtype(50304) == np.uint16
+    assert optimal_token_dtype(65499) == np.uint16
+    assert optimal_token_dtype(65500) == np.int32
+    assert optimal_token_dtype(128256) == np.int32
     for vocab in (100, 50304, 65499, 65500, 128256):  # the same rule as megatron-core's
-        assert token_dtype(vocab) == megatron_indexed().DType.optimal_dtype(vocab)
+        assert optimal_token_dtype(vocab) == megatron_indexed().DType.optimal_dtype(vocab)
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])
