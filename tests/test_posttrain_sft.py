@@ -236,8 +236,9 @@ def _role_losses(model_dir, prefix, tokenizer) -> dict[str, float]:
     return {role: sums[role] / counts[role] for role in sums}
 
 
-def _with_mask_on_every_token(prefix: str, out: str) -> str:
-    """A copy of the chat dataset whose loss mask is 1 on every token (the control run)."""
+def _with_constant_mask(prefix: str, out: str, value: int) -> str:
+    """A copy of the chat dataset whose loss mask is ``value`` on every token (1: the control
+    run; 0: no token in the loss)."""
     import shutil
 
     from data_tools.preprocess import megatron_indexed, open_indexed
@@ -250,7 +251,7 @@ def _with_mask_on_every_token(prefix: str, out: str) -> str:
     mask = open_indexed(prefix + ".loss_mask")
     builder = megatron_indexed().IndexedDatasetBuilder(out + ".loss_mask.bin", dtype=np.uint8)
     for i in range(len(mask)):
-        builder.add_document(np.ones(len(mask[i]), dtype=np.uint8), [len(mask[i])])
+        builder.add_document(np.full(len(mask[i]), value, dtype=np.uint8), [len(mask[i])])
     builder.finalize(out + ".loss_mask.idx")
     write_stats(out, stats)
     return out
@@ -328,7 +329,7 @@ def test_sft_lowers_the_assistant_loss_only_and_export_carries_the_chat_template
     root, prefix, stats, args = sft
     records = read_metrics(root / "sft")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # data.epochs -> iterations
-    control = _with_mask_on_every_token(prefix, str(root / "chat-every-token"))
+    control = _with_constant_mask(prefix, str(root / "chat-every-token"), 1)
     run_cli("train", *_sft_args(root, control), f"run_dir={root / 'control'}")
     for run in ("base", "sft", "control"):
         if not (root / f"{run}-export").exists():
@@ -352,6 +353,21 @@ def test_sft_lowers_the_assistant_loss_only_and_export_carries_the_chat_template
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "river stone"}],
         tokenize=False, add_generation_prompt=True)
     assert text == f"<|system|>\n{SYSTEM}\n<|user|>\nriver stone\n<|assistant|>\n"
+
+
+def test_global_batches_without_a_loss_token_are_skipped_and_the_run_stops(sft):
+    """No token in the loss: the loss is 0/0 and every gradient is exactly zero, so no update
+    (Adam would still move the weights through its momentum and weight decay); the run stops
+    like one with non-finite gradients."""
+    root, prefix, _, _ = sft
+    masked_out = _with_constant_mask(prefix, str(root / "chat-no-token"), 0)
+    run_dir = root / "no-token"
+    result = run_cli("train", *_sft_args(root, masked_out), f"run_dir={run_dir}", "train.max_skipped_steps=2",
+                     check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r.get("skipped") and r["grad_norm"] == 0.0 and r["loss"] != r["loss"] for r in records), records
 
 
 def test_sft_resumes_bit_identically_after_a_kill(sft):

@@ -26,6 +26,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -88,6 +89,31 @@ def _forward_step(data_iterator, model):
     batch = next(data_iterator)  # a pipeline stage's batch holds only the keys it reads
     output = model(batch.get("tokens"), batch["position_ids"], None, labels=batch.get("labels"))
     return output, partial(masked_loss, batch.get("loss_mask"))
+
+
+@dataclass
+class _Agreement:
+    """The world's [loss sum, token count, ranks signalled, ranks out of time], in flight."""
+
+    totals: torch.Tensor
+    work: object
+
+    def result(self) -> tuple[float, StopReason]:
+        self.work.wait()
+        loss_sum, tokens, signalled, out_of_time = self.totals.tolist()
+        loss = loss_sum / tokens if tokens > 0 else float("nan")
+        stop = (StopReason.TIME_BUDGET if out_of_time else
+                StopReason.SIGNAL if signalled else StopReason.NONE)
+        return loss, stop
+
+
+def _decoupled_grads(optimizer_config: OptimizerConfig) -> bool:
+    """Whether the optimizer keeps its gradients apart from ``param.grad`` (precision-aware
+    optimizer), as megatron-core's own clipping asks; named differently across releases."""
+    for name in ("use_precision_aware_optimizer_no_fp8_or_ds_fp8", "use_precision_aware_optimizer"):
+        if hasattr(optimizer_config, name):
+            return bool(getattr(optimizer_config, name))
+    return False
 
 
 class Trainer:
@@ -296,13 +322,12 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._forward_backward(batches, forward_only=False)
-        loss, grads_finite, stop = self._agree_after_backward(losses)
-        grad_norm = float("nan")
-        skipped = not (math.isfinite(loss) and grads_finite)
-        if not skipped:
-            _, grad_norm, _ = self.optimizer.step()
+        agreement = self._start_agreement(losses)
+        applied, grad_norm = self._optimizer_step()
+        if applied:
             self.scheduler.step(increment=1)
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        loss, stop = agreement.result()
+        skipped = not applied
         state.skipped_steps = state.skipped_steps + 1 if skipped else 0
         self._consume_step()
         return {"loss": loss, "grad_norm": grad_norm, "skipped": skipped, "stop": stop}
@@ -343,30 +368,37 @@ class Trainer:
         torch.distributed.all_reduce(total)
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
-    def _agree_after_backward(self, losses: list) -> tuple[float, bool, StopReason]:
-        """What every rank must agree on after a step's backward, in one all-reduce over the world
-        (each extra collective would sync the pipeline stages once more per step): the per-token
-        mean loss over the global batch, whether every rank's gradients are finite, and whether
-        to stop after this step (a signal arrived somewhere, or the time budget ran out).
-        Summed: [loss sum, token count, ranks with non-finite gradients, ranks signalled, ranks
-        out of time]; the loss sum and count reduce exactly as they would on their own."""
-        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
+    def _start_agreement(self, losses: list) -> "_Agreement":
+        """What every rank must agree on once a step's backward is done, in one asynchronous
+        all-reduce over the world that runs while the optimizer steps (a blocking one would
+        make the pipeline stages wait for each other once more per step): the per-token mean
+        loss over the global batch and whether to stop after this step (a signal arrived
+        somewhere, or the time budget ran out). Summed: [loss sum, token count, ranks
+        signalled, ranks out of time]; the loss sum and count reduce exactly as on their own."""
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         totals[:2] = self._loss_and_tokens(losses)
-        totals[2] = float(not self._local_grads_finite())
-        totals[3] = float(self._stop_signal is not None)
-        totals[4] = float(self._out_of_time())
-        torch.distributed.all_reduce(totals)
-        loss_sum, tokens, nonfinite, signalled, out_of_time = totals.tolist()
-        loss = loss_sum / tokens if tokens > 0 else float("nan")
-        stop = (StopReason.TIME_BUDGET if out_of_time else
-                StopReason.SIGNAL if signalled else StopReason.NONE)
-        return loss, nonfinite == 0, stop
+        totals[2] = float(self._stop_signal is not None)
+        totals[3] = float(self._out_of_time())
+        return _Agreement(totals, torch.distributed.all_reduce(totals, async_op=True))
 
-    def _local_grads_finite(self) -> bool:
-        # x * 0 is 0 for finite x and NaN for Inf/NaN, so the sum is finite exactly when every
-        # gradient is (no overflow: the terms are zeros); ~10x cheaper than isfinite(x).all()
-        return all(bool(torch.isfinite(buffer.grad_data.mul(0).sum()))
-                   for chunk in self.model for buffer in chunk.buffers)
+    def _optimizer_step(self) -> tuple[bool, float]:
+        """megatron-core's ``optimizer.step()`` in its own parts (prepare the gradients, their
+        norm, clipping, the update), with the step skipped when the gradient norm is not finite
+        (NaN/Inf anywhere) or zero (no loss token in the whole global batch). The norm is
+        reduced over every rank holding gradients, so every rank takes the same decision
+        without a collective of its own. Returns (applied, grad norm)."""
+        optimizer = self.optimizer
+        if optimizer.prepare_grads():  # a loss-scale overflow (fp16), agreed inside megatron-core
+            return False, float("nan")
+        grad_norm = float(optimizer.get_grad_norm())
+        if not (math.isfinite(grad_norm) and grad_norm > 0):
+            return False, grad_norm
+        for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = part.get_parameters()
+            if part.config.clip_grad > 0 and params:
+                clip_grad_by_total_norm_fp32(params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                                             use_decoupled_grad=_decoupled_grads(part.config))
+        return bool(optimizer.step_with_ready_grads()), grad_norm
 
     def _out_of_time(self) -> bool:
         limit = self.config.train.exit_duration_minutes
