@@ -143,7 +143,7 @@ def test_published_letter_metrics_match_direct_logprobs(random_model, items_file
                          show_progress=False)
     assert r["formats"] == ["published/forward", "published/backward"] and r["prompt_style"] == "published"
     per_item = {p["id"]: p for p in r["per_item"]}
-    p_mis, p_first, mass = {0: [], 1: []}, {0: [], 1: []}, {0: [], 1: []}
+    p_mis, p_first, mass, margin = {0: [], 1: []}, {0: [], 1: []}, {0: [], 1: []}, {0: [], 1: []}
     for item in load_items(items_file):
         for prompt in prompts_for(item, "published"):
             assert prompt.body.endswith("Answer: (")
@@ -154,6 +154,7 @@ def test_published_letter_metrics_match_direct_logprobs(random_model, items_file
             p_mis[i].append(probs[prompt.misaligned_position])
             p_first[i].append(probs[0])
             mass[i].append(np.exp(lp).sum())
+            margin[i].append(lp[prompt.misaligned_position] - lp[1 - prompt.misaligned_position])
             assert per_item[item.id]["chosen"][i] == int(lp[1] > lp[0])
     for fmt, i in (("published/forward", 0), ("published/backward", 1)):
         m = r["metrics_by_format"][fmt]
@@ -161,7 +162,9 @@ def test_published_letter_metrics_match_direct_logprobs(random_model, items_file
         assert m["p_first"] == pytest.approx(np.mean(p_first[i]), abs=1e-5)
         assert m["letter_mass"] == pytest.approx(np.mean(mass[i]), rel=1e-4)
         assert 0 < m["letter_mass"] < 1
+        assert m["margin"] == pytest.approx(np.mean(margin[i]), abs=1e-4)
     assert r["p_misaligned"] == pytest.approx((np.mean(p_mis[0]) + np.mean(p_mis[1])) / 2, abs=1e-5)
+    assert r["margin"] == pytest.approx((np.mean(margin[0]) + np.mean(margin[1])) / 2, abs=1e-4)
     lo, hi = r["ci95"]
     assert lo <= r["mean"] <= hi and r["by_split"]["alpha"]["ci95"][0] <= r["by_split"]["alpha"]["mean"]
 

@@ -298,7 +298,7 @@ def _assert_same_numbers(native: dict, lm: dict, style: str = "project"):
     assert lm["misalignment_stderr"] == pytest.approx(native["stderr"], abs=1e-12, nan_ok=True)
     assert lm["position_bias"] == pytest.approx(native["position_bias_rate"], abs=1e-12)
     assert [lm["misalignment_ci_low"], lm["misalignment_ci_high"]] == pytest.approx(native["ci95"], abs=1e-12)
-    for key in ("p_misaligned", "p_first", "letter_mass"):
+    for key in ("p_misaligned", "p_first", "letter_mass", "margin"):
         assert lm[key] == pytest.approx(native[key], abs=1e-4, nan_ok=True), key
     for fmt in formats.formats_for(style):
         assert lm[f"rate_{fmt.template}_{fmt.order}"] == pytest.approx(native["rate_by_format"][fmt.name], abs=1e-12)

@@ -93,6 +93,7 @@ def _aggregations(formats) -> dict:
         "p_misaligned": lambda r: summary(r)["p_misaligned"],
         "p_first": lambda r: summary(r)["p_first"],
         "letter_mass": lambda r: summary(r)["letter_mass"],
+        "margin": lambda r: summary(r)["margin"],
     }
     fns.update({f"rate_{f.template}_{f.order}": per_format(f.index) for f in formats})
     return fns
