@@ -26,8 +26,9 @@ toy-study: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/megatron-align study run configs/studies/toy.yaml --executor local --jobs 2 --out toy_study
 	$(BIN)/megatron-align study report toy_study
 
+# --durations: the slowest tests in every log, to keep the suite within its time budget
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not multiprocess" $(PYTEST_ARGS)

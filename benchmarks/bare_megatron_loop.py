@@ -7,8 +7,6 @@ on a fixed synthetic batch. No data pipeline, metrics, checkpoint or signal hand
 megatron_align CPU runtime is still needed for megatron-core to run at all.
 """
 import json
-import os
-import statistics
 import sys
 import time
 from functools import partial
