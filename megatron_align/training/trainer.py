@@ -394,6 +394,8 @@ class Trainer:
         if not (math.isfinite(grad_norm) and grad_norm > 0):
             return False, grad_norm
         for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if getattr(part, "is_stub_optimizer", False):  # no parameters on this rank
+                continue
             params = part.get_parameters()
             if part.config.clip_grad > 0 and params:
                 clip_grad_by_total_norm_fp32(params, max_norm=part.config.clip_grad, total_norm=grad_norm,
