@@ -8,7 +8,7 @@ Both sides: global batch 8, micro batch 2, seq 128, synthetic tokens, fp32, 1 th
 Each launch gives the median step time over the steps after a 5-step warm-up. The two sides
 alternate (bare, ours, bare, ours, ...) so that a change in load hits both; the table shows the
 best launch of each side and its ratio, and the median over rounds of the paired ratio ours/bare
-with its range. Launches of the same command spread by 10-20% on a 2-core VM, so read a ratio
+with its range. Launches of the same command spread by 10-60% on a 2-core VM, so read a ratio
 with its range.
 
 The second table takes launch-to-launch spread out of it: in one launch per layout
