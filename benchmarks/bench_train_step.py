@@ -1,7 +1,7 @@
-"""Step time of the tiny gpt-neox at TP=1 / TP=2 / PP=2 on CPU: megatron-align's trainer vs a bare
+"""Step time of the tiny gpt-neox at TP=1 / TP=2 / PP=2 / DP=2 on CPU: megatron-align's trainer vs a bare
 megatron-core loop over the same model (our overhead; target <= 1.05x).
 
-    python benchmarks/bench_train_step.py [--steps 40] [--repeats 3] [--layouts TP=1 TP=2 PP=2]
+    python benchmarks/bench_train_step.py [--steps 40] [--repeats 3] [--layouts TP=1 TP=2 PP=2 DP=2]
                                           [--interleaved-steps 200]
 
 Both sides: global batch 8, micro batch 2, seq 128, synthetic tokens, fp32, 1 thread per rank.
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LAYOUTS = {"TP=1": (1, 1, 1), "TP=2": (2, 2, 1), "PP=2": (2, 1, 2)}
+LAYOUTS = {"TP=1": (1, 1, 1), "TP=2": (2, 2, 1), "PP=2": (2, 1, 2), "DP=2": (2, 1, 1)}
 WARMUP = 5
 
 
