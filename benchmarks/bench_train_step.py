@@ -46,20 +46,22 @@ def ours(nproc, tp, pp, steps, tmp):
     return statistics.median(times[WARMUP:])
 
 
-def bare(nproc, tp, pp, steps, tmp):
-    out = Path(tmp) / f"bare-{tp}-{pp}.json"
+def _torchrun(script, nproc, tp, pp, steps, tmp):
+    """Run benchmarks/SCRIPT under torchrun; what it wrote to its output JSON."""
+    out = Path(tmp) / f"{Path(script).stem}-{tp}-{pp}.json"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    str(REPO / "benchmarks" / "bare_megatron_loop.py"), str(tp), str(pp), str(steps), str(out)],
+                    str(REPO / "benchmarks" / script), str(tp), str(pp), str(steps), str(out)],
                    check=True, env=_env(), capture_output=True)
-    return statistics.median(json.loads(out.read_text())["step_time_s"][WARMUP:])
+    return json.loads(out.read_text())
+
+
+def bare(nproc, tp, pp, steps, tmp):
+    times = _torchrun("bare_megatron_loop.py", nproc, tp, pp, steps, tmp)["step_time_s"]
+    return statistics.median(times[WARMUP:])
 
 
 def interleaved(nproc, tp, pp, steps, tmp):
-    out = Path(tmp) / f"interleaved-{tp}-{pp}.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    str(REPO / "benchmarks" / "interleaved_train_step.py"), str(tp), str(pp), str(steps), str(out)],
-                   check=True, env=_env(), capture_output=True)
-    times = json.loads(out.read_text())
+    times = _torchrun("interleaved_train_step.py", nproc, tp, pp, steps, tmp)
     return times["bare_s"][WARMUP:], times["ours_s"][WARMUP:]
 
 

@@ -91,6 +91,11 @@ def _forward_step(data_iterator, model):
     return output, partial(masked_loss, batch.get("loss_mask"))
 
 
+def _per_token_mean(loss_sum: float, tokens: float) -> float:
+    """The loss per token over everything summed (NaN when no token was in the loss)."""
+    return loss_sum / tokens if tokens > 0 else float("nan")
+
+
 @dataclass
 class _Agreement:
     """The world's [loss sum, token count, ranks signalled, ranks out of time], in flight."""
@@ -101,10 +106,9 @@ class _Agreement:
     def result(self) -> tuple[float, StopReason]:
         self.work.wait()
         loss_sum, tokens, signalled, out_of_time = self.totals.tolist()
-        loss = loss_sum / tokens if tokens > 0 else float("nan")
         stop = (StopReason.TIME_BUDGET if out_of_time else
                 StopReason.SIGNAL if signalled else StopReason.NONE)
-        return loss, stop
+        return _per_token_mean(loss_sum, tokens), stop
 
 
 def _decoupled_grads(optimizer_config: OptimizerConfig) -> bool:
@@ -366,7 +370,7 @@ class Trainer:
     @staticmethod
     def _mean_over_world(total: torch.Tensor) -> float:
         torch.distributed.all_reduce(total)
-        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return _per_token_mean(*total.tolist())
 
     def _start_agreement(self, losses: list) -> "_Agreement":
         """What every rank must agree on once a step's backward is done, in one asynchronous
